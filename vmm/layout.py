@@ -70,6 +70,14 @@ DEBUG_EXIT_PORT = 0xF4
 #: Firecracker's boot-timer port: the guest writes 123 when it has booted.
 BOOT_TIMER_PORT = 0x3F0
 BOOT_TIMER_MAGIC = 123
+#: ACPI hardware-reduced sleep control/status registers (FADT SLEEP_CONTROL_REG,
+#: SLEEP_STATUS_REG, ACPI 6.4 §4.8.3.7) and the FADT RESET_REG.
+ACPI_SLEEP_CONTROL_PORT = 0x3C0
+ACPI_SLEEP_STATUS_PORT = 0x3C1
+ACPI_RESET_PORT = 0x3C2
+ACPI_RESET_VALUE = 0x1
+#: The sleep type value our DSDT's \_S5_ package gives for soft-off.
+ACPI_S5_SLP_TYP = 5
 #: First IRQ (GSI) handed to virtio-mmio devices.
 VIRTIO_IRQ_BASE = 5
 #: GSIs the in-kernel IOAPIC has (KVM's IOAPIC has 24 pins).
