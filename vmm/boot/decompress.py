@@ -139,7 +139,9 @@ def _zstd(payload: bytes, limit: int, path: str) -> bytes:
         raise ConfigError(
             f"{path}: the payload is zstd-compressed; install the 'zstandard' package (pip install zstandard)"
         ) from None
-    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(payload, read_across_frames=False)
+    # Without the size trailer: the reader would take it for the start of a next frame.
+    frame = payload[:-4]
+    reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(frame, read_across_frames=False)
     try:
         out = bytearray()
         while len(out) <= limit:
