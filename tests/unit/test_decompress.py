@@ -106,6 +106,22 @@ def test_corrupt_stream():
         decompress.decompress(bad, "bzImage")
 
 
+def test_corrupt_lz4_block():
+    pytest.importorskip("lz4.block")
+    good = kernel_payload("lz4")
+    bad = good[:12] + b"\xff" * 64 + good[76:]
+    with pytest.raises(ImageError, match="lz4 payload does not decompress"):
+        decompress.decompress(bad, "bzImage")
+
+
+def test_corrupt_zstd_frame():
+    pytest.importorskip("zstandard")
+    good = kernel_payload("zstd")
+    bad = good[:4] + bytes([good[4] | 0x08]) + good[5:]  # reserved frame header bit
+    with pytest.raises(ImageError, match="zstd payload"):
+        decompress.decompress(bad, "bzImage")
+
+
 def test_truncated_stream():
     good = COMPRESSORS["gzip"](VMLINUX)
     with pytest.raises(ImageError, match="gzip payload"):

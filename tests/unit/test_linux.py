@@ -6,6 +6,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from boot_images import KERNEL_VERSION, BzImageSpec, Segment, make_bzimage, make_elf
 
 from vmm import layout
@@ -315,3 +317,37 @@ def test_vmlinux_initrd_above_the_kernel(tmp_path, memory):
 def test_vmlinux_command_line_limit(tmp_path, memory):
     with pytest.raises(ConfigError, match="at most 2047 \\(x86 Linux COMMAND_LINE_SIZE\\)"):
         boot(tmp_path, memory, vmlinux(), cmdline="y" * 2048)
+
+
+# ---- robustness: any corruption is an ImageError, never a crash ------------------
+_GOOD = make_bzimage()
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(st.integers(0x1F0, 0x270), st.integers(0, 255)), min_size=1, max_size=8))
+def test_corrupted_headers_raise_only_image_errors(edits):
+    img = bytearray(_GOOD)
+    for off, value in edits:
+        img[off] = value
+    try:
+        hdr = sh.parse_setup_header(bytes(img), "k")
+    except ImageError:
+        return
+    assert hdr.setup_size + hdr.syssize * 16 <= len(img)
+    assert hdr.payload_offset + hdr.payload_length <= len(img) - hdr.setup_size or hdr.payload_length == 0
+
+
+@settings(max_examples=100)
+@given(st.binary(min_size=0, max_size=300), st.integers(0, 200))
+def test_corrupted_elf_raises_only_image_errors(tmp_path_factory, junk, cut):
+    image = bytearray(vmlinux())
+    image[64 : 64 + len(junk)] = junk  # program headers and beyond
+    path = tmp_path_factory.mktemp("elf") / "vmlinux"
+    path.write_bytes(bytes(image[: len(image) - cut]))
+    mem = GuestMemory([(0, 32 * MiB)])
+    try:
+        load(BootRequest(kernel=path, memory=mem, acpi=False))
+    except (ImageError, ConfigError):
+        pass
+    finally:
+        mem.close()

@@ -56,7 +56,7 @@ def write_acpi_tables(
     # Order: RSDP first (the scan needs it 16-byte aligned), then XSDT, FADT, MADT, DSDT.
     rsdp_addr = layout.ACPI_TABLES_ADDR
     xsdt_addr = _align(rsdp_addr + sdt.RSDP_SIZE)
-    xsdt_size = sdt.HEADER_SIZE + 8 * 2
+    xsdt_size = len(sdt.xsdt([0, 0]))  # FADT and MADT
     fadt_addr = _align(xsdt_addr + xsdt_size)
     fadt_bytes = build_fadt(0, i8042=i8042)  # sized first; the DSDT address comes next
     madt_addr = _align(fadt_addr + len(fadt_bytes))
@@ -69,7 +69,6 @@ def write_acpi_tables(
         )
     fadt_bytes = build_fadt(dsdt_addr, i8042=i8042)
     xsdt_bytes = sdt.xsdt([fadt_addr, madt_addr])
-    assert len(xsdt_bytes) == xsdt_size
 
     out = AcpiTables(rsdp_addr)
     for name, addr, data in (

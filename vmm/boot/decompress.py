@@ -125,7 +125,10 @@ def _lz4(payload: bytes, limit: int, path: str) -> bytes:
         if pos + 4 + size > len(payload):
             break  # the 4-byte size trailer (or garbage) ends the stream
         block = payload[pos + 4 : pos + 4 + size]
-        out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK_SIZE)
+        try:
+            out += lz4.block.decompress(block, uncompressed_size=LZ4_LEGACY_BLOCK_SIZE)
+        except lz4.block.LZ4BlockError as exc:
+            raise ValueError(f"block at payload offset {pos:#x}: {exc}") from None
         pos += 4 + size
         if len(out) > limit:
             break
