@@ -88,11 +88,7 @@ class Segment:
 def note(owner: bytes, ntype: int, desc: bytes) -> bytes:
     name = owner + b"\0"
     return (
-        struct.pack("<III", len(name), len(desc), ntype)
-        + name
-        + bytes(-len(name) % 4)
-        + desc
-        + bytes(-len(desc) % 4)
+        struct.pack("<III", len(name), len(desc), ntype) + name + bytes(-len(name) % 4) + desc + bytes(-len(desc) % 4)
     )
 
 

@@ -109,7 +109,7 @@ def test_eisaid(eisa, value):
 
 
 def test_buffer_and_package():
-    assert aml.Buffer(b"\xAA\xBB").encode() == b"\x11\x05\x0a\x02\xaa\xbb"
+    assert aml.Buffer(b"\xaa\xbb").encode() == b"\x11\x05\x0a\x02\xaa\xbb"
     assert aml.Package([5, 0]).encode() == b"\x12\x05\x02\x0a\x05\x00"
     nested = aml.Package([1, "A", [2, 3], b"\x01"])
     assert decode_terms(aml.Name("PKG", nested).encode()) == [
@@ -133,7 +133,8 @@ def test_device_in_scope_exact_bytes():
     dev = aml.Scope("\\_SB_", [aml.Device("DEV0", [aml.Name("_UID", 0)])])
     assert dev.encode() == (
         b"\x10\x13\\_SB_"  # Scope, PkgLength 0x13, \_SB_
-        + b"\x5b\x82\x0b" + b"DEV0"  # Device, PkgLength 11
+        + b"\x5b\x82\x0b"
+        + b"DEV0"  # Device, PkgLength 11
         + b"\x08_UID\x00"
     )
 
@@ -271,7 +272,11 @@ DefinitionBlock ("", "DSDT", 2, "PYMVM ", "PYMVDSDT", 1)
 def test_iasl_compiles_the_same_bytes(tmp_path):
     (tmp_path / "dsdt.asl").write_text(ASL)
     # -oa: no optimizations (iasl would shorten \_SB_ to _SB_).
-    subprocess.run(["iasl", "-oa", "-p", str(tmp_path / "ref"), str(tmp_path / "dsdt.asl")], check=True, capture_output=True)
+    subprocess.run(
+        ["iasl", "-oa", "-p", str(tmp_path / "ref"), str(tmp_path / "dsdt.asl")], check=True, capture_output=True
+    )
     ref = (tmp_path / "ref.aml").read_bytes()
-    ours = build_dsdt(serial_ports=[(0x3F8, 4)], mmio_devices=[MmioDeviceInfo(0xD000_0000, 0x1000, 5)], i8042=False).encode()
+    ours = build_dsdt(
+        serial_ports=[(0x3F8, 4)], mmio_devices=[MmioDeviceInfo(0xD000_0000, 0x1000, 5)], i8042=False
+    ).encode()
     assert ours[36:] == ref[36:]

@@ -6,9 +6,9 @@ import struct
 from pathlib import Path
 
 import pytest
+from boot_images import KERNEL_VERSION, BzImageSpec, Segment, make_bzimage, make_elf
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from boot_images import KERNEL_VERSION, BzImageSpec, Segment, make_bzimage, make_elf
 
 from vmm import layout
 from vmm.boot import load
@@ -154,7 +154,7 @@ def test_init_size_must_fit_in_ram(tmp_path, memory):
 
 def test_zero_page_fields(tmp_path, memory):
     img = make_bzimage()
-    initrd = write(tmp_path, "initrd", b"\xAB" * 10000)
+    initrd = write(tmp_path, "initrd", b"\xab" * 10000)
     setup = boot(tmp_path, memory, img, cmdline="console=ttyS0 quiet", initrd=initrd)
     page = memory.read(layout.ZERO_PAGE_ADDR, 4096)
     # The setup header is copied; the loader's own fields are then set.
@@ -176,7 +176,7 @@ def test_zero_page_fields(tmp_path, memory):
     assert struct.unpack_from("<I", page, sh.OFF_RAMDISK_SIZE)[0] == 10000
     ramdisk = struct.unpack_from("<I", page, sh.OFF_RAMDISK_IMAGE)[0]
     assert ramdisk == setup.details["initrd_addr"]
-    assert memory.read(ramdisk, 10000) == b"\xAB" * 10000
+    assert memory.read(ramdisk, 10000) == b"\xab" * 10000
     assert struct.unpack_from("<Q", page, zp.OFF_ACPI_RSDP_ADDR)[0] == layout.ACPI_TABLES_ADDR
     assert memory.read(layout.ACPI_TABLES_ADDR, 8) == b"RSD PTR "
     n = page[zp.OFF_E820_ENTRIES]
@@ -261,8 +261,8 @@ KMAP = 0xFFFF_FFFF_8000_0000
 
 def vmlinux(entry=0x100_0000, segs=None) -> bytes:
     segs = segs or [
-        Segment(0x100_0000, b"\xCC" * 0x300, memsz=0x1000, vaddr=KMAP + 0x100_0000),
-        Segment(0x120_0000, b"\xDD" * 0x100, vaddr=KMAP + 0x120_0000),
+        Segment(0x100_0000, b"\xcc" * 0x300, memsz=0x1000, vaddr=KMAP + 0x100_0000),
+        Segment(0x120_0000, b"\xdd" * 0x100, vaddr=KMAP + 0x120_0000),
     ]
     return make_elf(segs, entry)
 
@@ -271,9 +271,9 @@ def test_vmlinux_segments_at_physical_addresses(tmp_path, memory):
     memory.fill(0x100_0000, 0x1000, 0x55)  # bss must be zeroed
     setup = boot(tmp_path, memory, vmlinux(), cmdline="root=/dev/vda")
     assert setup.protocol == "linux-elf"
-    assert memory.read(0x100_0000, 0x300) == b"\xCC" * 0x300
+    assert memory.read(0x100_0000, 0x300) == b"\xcc" * 0x300
     assert memory.read(0x100_0300, 0xD00) == bytes(0xD00)
-    assert memory.read(0x120_0000, 0x100) == b"\xDD" * 0x100
+    assert memory.read(0x120_0000, 0x100) == b"\xdd" * 0x100
     assert setup.entry.rip == 0x100_0000
     assert setup.entry.mode == "long64" and setup.entry.gprs["rsi"] == layout.ZERO_PAGE_ADDR
     page = memory.read(layout.ZERO_PAGE_ADDR, 4096)

@@ -8,8 +8,7 @@ import pytest
 from boot_images import Segment, make_elf, make_pvh_elf, note
 
 from vmm import layout
-from vmm.boot import load
-from vmm.boot import pvh
+from vmm.boot import load, pvh
 from vmm.boot.e820 import E820_RAM, E820_RESERVED
 from vmm.boot.elf import ElfImage
 from vmm.boot.types import BootRequest, MmioDeviceInfo
@@ -34,9 +33,18 @@ def boot(tmp_path: Path, memory, image: bytes, **kw):
 
 
 def start_info(memory) -> dict:
-    names = (
-        "magic version flags nr_modules modlist_paddr cmdline_paddr rsdp_paddr memmap_paddr memmap_entries reserved"
-    ).split()
+    names = [
+        "magic",
+        "version",
+        "flags",
+        "nr_modules",
+        "modlist_paddr",
+        "cmdline_paddr",
+        "rsdp_paddr",
+        "memmap_paddr",
+        "memmap_entries",
+        "reserved",
+    ]
     raw = memory.read(layout.PVH_INFO_ADDR, pvh.HVM_START_INFO.size)
     return dict(zip(names, pvh.HVM_START_INFO.unpack(raw)))
 
@@ -100,7 +108,7 @@ def test_pvh_entry_state_and_start_info(tmp_path, memory):
 
 def test_pvh_initrd_module(tmp_path, memory):
     initrd = tmp_path / "initrd"
-    initrd.write_bytes(b"\x5A" * 3000)
+    initrd.write_bytes(b"\x5a" * 3000)
     setup = boot(tmp_path, memory, make_pvh_elf(), initrd=initrd)
     info = start_info(memory)
     assert info["nr_modules"] == 1
@@ -108,7 +116,7 @@ def test_pvh_initrd_module(tmp_path, memory):
     paddr, size, cmdline, reserved = pvh.HVM_MODLIST_ENTRY.unpack(memory.read(layout.PVH_MODLIST_ADDR, 32))
     assert size == 3000 and cmdline == 0 and reserved == 0
     assert paddr == (32 * MiB - 3000) & ~0xFFF == setup.details["initrd_addr"]
-    assert memory.read(paddr, 3000) == b"\x5A" * 3000
+    assert memory.read(paddr, 3000) == b"\x5a" * 3000
 
 
 def test_pvh_gets_virtio_devices_on_its_command_line(tmp_path, memory):
@@ -135,7 +143,11 @@ def test_pvh_segments_outside_ram(tmp_path, memory):
 
 def test_pvh_32bit_elf(tmp_path, memory):
     img = make_elf(
-        [Segment(0x10_0000, b"\xF4" * 64)], 0x10_0000, note(b"Xen", 18, (0x10_0000).to_bytes(4, "little")), elf64=False, machine=3
+        [Segment(0x10_0000, b"\xf4" * 64)],
+        0x10_0000,
+        note(b"Xen", 18, (0x10_0000).to_bytes(4, "little")),
+        elf64=False,
+        machine=3,
     )
     setup = boot(tmp_path, memory, img)
     assert setup.protocol == "pvh" and setup.entry.rip == 0x10_0000

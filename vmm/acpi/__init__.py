@@ -9,8 +9,8 @@ or by the spec's scan of 0xE0000-0xFFFFF on 16-byte boundaries (ACPI 6.4
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 from .. import layout
 from ..errors import ConfigError
@@ -20,7 +20,7 @@ from .dsdt import Dsdt, build_dsdt
 from .fadt import build_fadt
 from .madt import build_madt
 
-__all__ = ["AcpiTables", "Dsdt", "build_dsdt", "write_acpi_tables", "aml"]
+__all__ = ["AcpiTables", "Dsdt", "aml", "build_dsdt", "write_acpi_tables"]
 
 TABLE_ALIGN = 16
 
@@ -49,7 +49,9 @@ def write_acpi_tables(
 ) -> AcpiTables:
     """Write every table and return their addresses; ConfigError if they overflow the BIOS area."""
     if dsdt is None:
-        dsdt = build_dsdt(serial_ports=serial_ports, mmio_devices=mmio_devices, i8042=i8042, extra_devices=extra_devices)
+        dsdt = build_dsdt(
+            serial_ports=serial_ports, mmio_devices=mmio_devices, i8042=i8042, extra_devices=extra_devices
+        )
     dsdt_bytes = dsdt.encode()
     madt_bytes = build_madt(vcpus)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Protocol, Union, runtime_checkable
 
 # ---- opcodes (§20.3, Table 20.2) -------------------------------------------
 ZERO_OP = 0x00
@@ -282,7 +283,7 @@ class Method:
     serialized: bool = False
 
     @classmethod
-    def returning(cls, name: str, value: DataLike) -> "Method":
+    def returning(cls, name: str, value: DataLike) -> Method:
         """Method(NAME, 0, NotSerialized) { Return (value) }"""
         return cls(name, [Return(value)])
 

@@ -191,7 +191,9 @@ def decode_resources(buf: bytes) -> list:
         elif tag == aml.EXTENDED_INTERRUPT_DESCRIPTOR:
             _, length_field, flags, count = struct.unpack_from("<BHBB", buf, pos)
             if length_field != 2 + 4 * count:
-                raise AmlDecodeError(f"resource template: interrupt descriptor length {length_field} for {count} interrupts")
+                raise AmlDecodeError(
+                    f"resource template: interrupt descriptor length {length_field} for {count} interrupts"
+                )
             gsis = struct.unpack_from(f"<{count}I", buf, pos + 5)
             out.append(
                 aml.Interrupt(

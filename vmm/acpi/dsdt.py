@@ -11,7 +11,7 @@ ACPI 6.4 §5.2.11.1 (DSDT), §6.1.5 (_HID), §6.1.12 (_UID), §6.2.2 (_CRS),
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .. import layout
 from . import aml, sdt

@@ -54,5 +54,7 @@ def build_madt(vcpus: int) -> bytes:
         body += struct.pack("<BBBBIH", TYPE_INTERRUPT_SOURCE_OVERRIDE, 10, 0, irq, gsi, MPS_INTI_CONFORMS)
     body += struct.pack("<BBBHB", TYPE_LOCAL_APIC_NMI, 6, ALL_PROCESSORS_UID, MPS_INTI_CONFORMS, NMI_LINT)
     if vcpus > MAX_XAPIC_ID + 1:
-        body += struct.pack("<BBHIB3s", TYPE_LOCAL_X2APIC_NMI, 12, MPS_INTI_CONFORMS, ALL_PROCESSORS_UID_X2, NMI_LINT, b"\0\0\0")
+        body += struct.pack(
+            "<BBHIB3s", TYPE_LOCAL_X2APIC_NMI, 12, MPS_INTI_CONFORMS, ALL_PROCESSORS_UID_X2, NMI_LINT, b"\0\0\0"
+        )
     return sdt.sdt(b"APIC", MADT_REVISION, bytes(body))

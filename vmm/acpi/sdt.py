@@ -7,7 +7,7 @@ ACPI 6.4 §5.2.5 (RSDP), §5.2.6 (System Description Table Header), §5.2.3.2
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 OEM_ID = b"PYMVM "  # 6 bytes
 OEM_REVISION = 1
@@ -50,7 +50,17 @@ def sdt(signature: bytes, revision: int, body: bytes) -> bytes:
         raise ValueError(f"ACPI signature {signature!r} is not 4 bytes")
     table_id = b"PYMV" + signature
     raw = bytearray(
-        HEADER.pack(signature, HEADER_SIZE + len(body), revision, 0, OEM_ID, table_id, OEM_REVISION, CREATOR_ID, CREATOR_REVISION)
+        HEADER.pack(
+            signature,
+            HEADER_SIZE + len(body),
+            revision,
+            0,
+            OEM_ID,
+            table_id,
+            OEM_REVISION,
+            CREATOR_ID,
+            CREATOR_REVISION,
+        )
         + body
     )
     raw[OFF_CHECKSUM] = checksum(raw)

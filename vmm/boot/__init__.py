@@ -15,7 +15,7 @@ from types import ModuleType
 from ..errors import ImageError
 from .types import BootRequest, BootSetup
 
-__all__ = ["load", "BootRequest", "BootSetup"]
+__all__ = ["BootRequest", "BootSetup", "load"]
 
 #: What ``load`` tries, in order, for the error message.
 FORMATS = ("Hermit", "multiboot", "PVH ELF", "Linux bzImage", "ELF64 x86-64 (vmlinux)")

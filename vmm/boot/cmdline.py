@@ -9,7 +9,7 @@ limit beyond our buffer.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from .. import layout
 from ..errors import ConfigError

@@ -113,7 +113,9 @@ def _lz4(payload: bytes, limit: int, path: str) -> bytes:
     try:
         import lz4.block
     except ImportError:
-        raise ConfigError(f"{path}: the payload is lz4-compressed; install the 'lz4' package (pip install lz4)") from None
+        raise ConfigError(
+            f"{path}: the payload is lz4-compressed; install the 'lz4' package (pip install lz4)"
+        ) from None
     out = bytearray()
     pos = 0
     while pos + 4 <= len(payload):

@@ -14,8 +14,8 @@ e820 and Xen's ``XEN_HVM_MEMMAP_TYPE_*`` share.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from .. import layout
 from ..errors import ConfigError
@@ -57,7 +57,7 @@ def build_memory_map(ranges: Iterable[tuple[int, int]]) -> list[E820Entry]:
     regions = sorted(ranges)
     if not regions or regions[0][0] != 0:
         raise ConfigError("--memory: guest RAM must start at guest-physical address 0")
-    low_start, low_size = regions[0]
+    low_size = regions[0][1]
     if low_size < MIN_MEMORY:
         raise ConfigError(
             f"--memory: {low_size // layout.KiB} KiB of RAM below the MMIO hole is too little; "

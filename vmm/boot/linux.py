@@ -43,7 +43,7 @@ class KernelLimits:
     initrd_addr_max: int = LINUX_ELF_INITRD_ADDR_MAX
 
     @classmethod
-    def from_header(cls, hdr: SetupHeader) -> "KernelLimits":
+    def from_header(cls, hdr: SetupHeader) -> KernelLimits:
         return cls(hdr.cmdline_size, "setup header cmdline_size", hdr.initrd_addr_max)
 
 

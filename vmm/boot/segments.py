@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .. import layout
-from ..errors import ImageError
 from ..memory import GuestMemory
 from .elf import ElfImage
 
@@ -30,8 +29,7 @@ def load_segments(memory: GuestMemory, elf: ElfImage) -> LoadedImage:
     for i, ph in enumerate(segments):
         if ph.paddr < layout.HIGH_MEMORY_START:
             raise elf.error(
-                f"PT_LOAD segment {i} at physical address {ph.paddr:#x} is below 1 MiB, "
-                f"where the boot structures live"
+                f"PT_LOAD segment {i} at physical address {ph.paddr:#x} is below 1 MiB, where the boot structures live"
             )
         if not memory.contains(ph.paddr, ph.memsz):
             raise elf.error(

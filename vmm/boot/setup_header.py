@@ -126,7 +126,9 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
         return ImageError(path, problem)
 
     if len(data) < OFF_HEADER + 4:
-        raise fail(f"truncated: {len(data)} bytes is too short for a Linux setup header (boot_flag at {OFF_BOOT_FLAG:#x})")
+        raise fail(
+            f"truncated: {len(data)} bytes is too short for a Linux setup header (boot_flag at {OFF_BOOT_FLAG:#x})"
+        )
     boot_flag = struct.unpack_from("<H", data, OFF_BOOT_FLAG)[0]
     if boot_flag != BOOT_FLAG_MAGIC:
         raise fail(f"setup header boot_flag is {boot_flag:#06x}, expected {BOOT_FLAG_MAGIC:#06x}")
@@ -134,9 +136,7 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
     if magic != HEADER_MAGIC:
         raise fail(f"setup header magic at {OFF_HEADER:#x} is {magic!r}, expected {HEADER_MAGIC!r}")
     if len(data) < HEADER_END_2_15:
-        raise fail(
-            f"truncated: {len(data)} bytes ends inside the setup header (which runs to {HEADER_END_2_15:#x})"
-        )
+        raise fail(f"truncated: {len(data)} bytes ends inside the setup header (which runs to {HEADER_END_2_15:#x})")
 
     def u8(off: int) -> int:
         return data[off]
@@ -162,7 +162,9 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
         raise fail("setup header loadflags has LOADED_HIGH clear: a zImage loaded at 0x10000 is not supported")
     xloadflags = u16(OFF_XLOADFLAGS)
     if not xloadflags & XLF_KERNEL_64:
-        raise fail("setup header xloadflags has XLF_KERNEL_64 clear: the kernel has no 64-bit entry point (32-bit kernel?)")
+        raise fail(
+            "setup header xloadflags has XLF_KERNEL_64 clear: the kernel has no 64-bit entry point (32-bit kernel?)"
+        )
 
     # "The end of setup header can be calculated as follows: 0x0202 + byte value
     # at offset 0x0201".  Version 2.12 headers reach at least past init_size.
@@ -175,7 +177,9 @@ def parse_setup_header(data: bytes, path: str) -> SetupHeader:
 
     setup_size = (setup_sects + 1) * SECTOR_SIZE
     if setup_size >= len(data):
-        raise fail(f"truncated: setup_sects {setup_sects} puts the kernel at {setup_size:#x}, past the end of the {len(data)}-byte file")
+        raise fail(
+            f"truncated: setup_sects {setup_sects} puts the kernel at {setup_size:#x}, past the end of the {len(data)}-byte file"
+        )
     syssize = u32(OFF_SYSSIZE)
     pm_size = len(data) - setup_size
     if syssize * 16 > pm_size:

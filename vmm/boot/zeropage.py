@@ -9,7 +9,7 @@ line pointer, the initrd, the e820 map and the ACPI RSDP address.
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from . import setup_header as sh
 from .e820 import E820Entry
