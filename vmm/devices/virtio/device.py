@@ -96,8 +96,10 @@ class DeviceMetrics:
     #: Bytes the device read from guest buffers / wrote into guest buffers.
     bytes_read: int = 0
     bytes_written: int = 0
-    #: Errors by kind ("ioerr-capacity", "unsupported-type", ...).
+    #: Errors by kind ("ioerr-capacity", "unsupp-type", ...).
     errors: Counter[str] = field(default_factory=Counter)
+    #: Requests by operation ("in", "out", "flush", ...), for devices that have several.
+    ops: Counter[str] = field(default_factory=Counter)
 
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
@@ -108,6 +110,7 @@ class DeviceMetrics:
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
             "errors": dict(self.errors),
+            "ops": dict(self.ops),
         }
 
 
