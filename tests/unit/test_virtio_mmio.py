@@ -129,7 +129,11 @@ def mem():
 
 
 class Rig:
+    #: Every rig made by the running test; ``recovery_check`` re-initialises each one afterwards.
+    live: list["Rig"] = []
+
     def __init__(self, mem: GuestMemory, **kw) -> None:
+        Rig.live.append(self)
         self.mem = mem
         self.dev = EchoDevice()
         self.irq = RecordingIrqLine(5)
@@ -154,6 +158,25 @@ class Rig:
 @pytest.fixture
 def rig(mem):
     return Rig(mem)
+
+
+@pytest.fixture(autouse=True)
+def recovery_check(mem):
+    """Whatever a test did to a device, a reset and a proper initialisation restore service."""
+    Rig.live.clear()
+    yield
+    for r in Rig.live:
+        if r.mem is not mem:
+            continue  # rigs over a test's own memory are checked in that test
+        r.dev.fail_with = None
+        r.dev.defer = False
+        vars(r.dev).pop("accept_features", None)  # undo per-test overrides
+        vars(r.dev).pop("activate", None)
+        r.alloc.release(r.alloc.start)
+        r.drv.initialize(queues=(0, 1))
+        assert r.echo(b"ok", queue=1) == b"OK"
+        assert not r.t.status & VIRTIO_CONFIG_S_NEEDS_RESET
+    Rig.live.clear()
 
 
 def ready_rig(mem, features=None, **kw) -> Rig:

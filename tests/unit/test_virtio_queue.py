@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vmm.devices.virtio.queue import (
     VIRTQ_AVAIL_F_NO_INTERRUPT,
@@ -61,8 +63,21 @@ class Rig:
             self.q.pop()
         assert ei.value.kind == kind, str(ei.value)
         assert self.q.broken
-        # A broken queue does no more work until it is enabled again.
+        # A broken queue does no more work until it is enabled again ...
         assert self.q.pop() is None
+        # ... and after the driver re-initialises its rings, a valid chain works.
+        self.q.disable()
+        self.mem.fill(self.dq.desc, 16 * self.dq.size)
+        self.mem.fill(self.dq.avail, 6 + 2 * self.dq.size)
+        self.mem.fill(self.dq.used, 6 + 8 * self.dq.size)
+        self.dq = DriverQueue(self.mem, self.dq.size, self.dq.desc, self.dq.avail, self.dq.used)
+        self.q.restore_state(0, 0)
+        self.q.enable(indirect=self.q.indirect, event_idx=self.q.event_idx)
+        b = self.buf(size=4)
+        h = self.dq.add_chain([Segment(b, 4, True)])
+        c = self.q.pop()
+        assert c.head == h and self.q.add_used(c, 4)
+        assert self.dq.take_used() == [(h, 4)]
         return ei.value
 
 
@@ -527,3 +542,74 @@ def test_reenabled_queue_starts_from_zero(mem):
     r.q.enable(indirect=True, event_idx=False)
     _complete(r, 1)
     assert r.dq.used_idx == 1
+
+
+# ---- hostile layouts and state ---------------------------------------------------------
+def test_restored_state_far_from_avail_idx_is_an_error(mem):
+    r = Rig(mem)
+    r.q.restore_state(0x8000, 0x8000)
+    r.expect_error("avail-idx-ahead")
+
+
+def test_driver_scribbling_on_the_used_ring_does_not_steer_the_device(mem):
+    r = Rig(mem)
+    _complete(r, 2)
+    mem.write_u16(r.dq.used + 2, 0x7777)  # the driver must not write here; the device ignores it
+    mem.fill(r.dq.used + 4, 16, 0xFF)
+    b = r.buf(size=4)
+    h = r.dq.add_chain([Segment(b, 4, True)])
+    r.q.add_used(r.q.pop(), 1)
+    assert r.dq.used_idx == 3
+    assert r.dq.used_entry(2) == (h, 1)
+
+
+def test_overlapping_rings_never_crash(mem):
+    # Descriptor table, available ring and used ring all at one address: nonsense, but only
+    # the guest's own memory is at stake.  Every outcome is a chain or a VirtqueueError.
+    q = Virtqueue(mem, 0, 8)
+    q.desc_addr = q.avail_addr = q.used_addr = 0x2000
+    q.enable(indirect=True, event_idx=True)
+    mem.write(0x2000, bytes(range(1, 200)))
+    for _ in range(20):
+        try:
+            c = q.pop()
+        except VirtqueueError:
+            break
+        if c is None:
+            break
+        q.add_used(c, 0)
+        q.needs_notification()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    table=st.binary(min_size=16 * 8, max_size=16 * 8),
+    ring=st.lists(st.integers(0, 0xFFFF), min_size=8, max_size=8),
+    avail_idx=st.integers(0, 0xFFFF),
+    indirect=st.binary(min_size=0, max_size=64),
+    features=st.tuples(st.booleans(), st.booleans()),
+)
+def test_random_rings_give_valid_chains_or_one_error_type(mem, table, ring, avail_idx, indirect, features):
+    q = Virtqueue(mem, 0, 8)
+    q.desc_addr, q.avail_addr, q.used_addr = 0x3000, 0x3100, 0x3200
+    q.enable(indirect=features[0], event_idx=features[1])
+    # Point some addresses at a small indirect table at 0x4000 and at RAM, keep the rest random.
+    mem.write(0x3000, table)
+    mem.write(0x4000, indirect.ljust(64, b"\0"))
+    for i, head in enumerate(ring):
+        mem.write_u16(0x3104 + 2 * i, head)
+    mem.write_u16(0x3102, avail_idx)
+    for _ in range(9):
+        try:
+            c = q.pop()
+        except VirtqueueError as e:
+            assert e.kind and q.broken
+            return
+        if c is None:
+            return
+        assert 0 <= c.head < 8
+        assert len(c.readable) + len(c.writable) <= 8
+        assert c.readable_len + c.writable_len <= 0xFFFF_FFFF
+        for b in c.readable + c.writable:
+            assert mem.contains(b.addr, b.length)
+        assert q.add_used(c, c.writable_len)
