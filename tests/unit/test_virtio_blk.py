@@ -489,5 +489,6 @@ def test_backend_error_is_ioerr(rig, monkeypatch):
     monkeypatch.setattr(blkmod.os, "preadv", broken)
     status, used_len, data = rig.request(VIRTIO_BLK_T_IN, 0, in_len=512)
     assert (status, used_len) == (VIRTIO_BLK_S_IOERR, 1)
+    assert data == bytes([POISON]) * 512
     assert rig.dev.metrics.errors["ioerr-backend"] == 1
     assert not rig.needs_reset

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import pytest
 
@@ -130,7 +131,7 @@ def mem():
 
 class Rig:
     #: Every rig made by the running test; ``recovery_check`` re-initialises each one afterwards.
-    live: list["Rig"] = []
+    live: ClassVar[list[Rig]] = []
 
     def __init__(self, mem: GuestMemory, **kw) -> None:
         Rig.live.append(self)

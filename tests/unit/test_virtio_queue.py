@@ -581,7 +581,7 @@ def test_overlapping_rings_never_crash(mem):
         q.needs_notification()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     table=st.binary(min_size=16 * 8, max_size=16 * 8),
     ring=st.lists(st.integers(0, 0xFFFF), min_size=8, max_size=8),

@@ -36,7 +36,7 @@ import errno
 import hashlib
 import os
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from ...errors import DeviceError, GuestError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, bit

@@ -48,8 +48,9 @@ thereby dropped and counted, never written to guest memory.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 if TYPE_CHECKING:
     import threading
@@ -117,12 +118,12 @@ class DeviceMetrics:
 class DeviceLink(Protocol):
     """What an activated device may use; provided by the transport."""
 
-    memory: "GuestMemory"
-    queues: "Sequence[Virtqueue]"
+    memory: GuestMemory
+    queues: Sequence[Virtqueue]
     #: Negotiated feature bits.
     features: int
     #: The transport's lock (re-entrant); held during ``handle_queue``.
-    lock: "threading.RLock"
+    lock: threading.RLock
 
     def has_feature(self, bit_number: int) -> bool: ...
 

@@ -58,7 +58,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Sequence
+from typing import Any, Callable
 
 from ...errors import GuestError, GuestMemoryError
 from ...irq import IrqLine
@@ -189,7 +190,7 @@ RING_FEATURES = bit(VIRTIO_F_INDIRECT_DESC) | bit(VIRTIO_F_EVENT_IDX)
 class _Link:
     """The ``DeviceLink`` handed to a device at DRIVER_OK (one per activation)."""
 
-    def __init__(self, transport: "VirtioMmioTransport", epoch: int) -> None:
+    def __init__(self, transport: VirtioMmioTransport, epoch: int) -> None:
         self._transport = transport
         self._epoch = epoch
         self.memory = transport.memory

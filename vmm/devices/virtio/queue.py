@@ -35,8 +35,8 @@ notification (``drain()``).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from ...errors import GuestError, GuestMemoryError
 from ...memory import GuestMemory
@@ -131,11 +131,11 @@ class DescriptorChain:
     contents are read and written through ``GuestMemory`` on demand.
     """
 
-    __slots__ = ("queue", "head", "readable", "writable", "readable_len", "writable_len", "generation")
+    __slots__ = ("generation", "head", "queue", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(
         self,
-        queue: "Virtqueue",
+        queue: Virtqueue,
         head: int,
         readable: tuple[Buffer, ...],
         writable: tuple[Buffer, ...],

@@ -15,7 +15,8 @@ length of 0 and counted.
 from __future__ import annotations
 
 import os
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 from .device import VIRTIO_ID_RNG, VirtioDevice
 

@@ -16,8 +16,9 @@ Nothing here checks the device: tests do.  Nothing here is used by the VMM.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from ...memory import GuestMemory
 from .device import (
@@ -113,7 +114,7 @@ class DriverQueue:
         self._chains: dict[int, list[int]] = {}
 
     @classmethod
-    def allocate(cls, memory: GuestMemory, alloc: GuestAllocator, size: int) -> "DriverQueue":
+    def allocate(cls, memory: GuestMemory, alloc: GuestAllocator, size: int) -> DriverQueue:
         desc = alloc.alloc(desc_table_size(size), 16)
         avail = alloc.alloc(avail_ring_size(size), 2)
         used = alloc.alloc(used_ring_size(size), 4)
