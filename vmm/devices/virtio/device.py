@@ -192,5 +192,8 @@ class VirtioDevice:
     def handle_queue(self, index: int) -> None:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release host resources (files, sockets, threads) when the machine goes away."""
+
     def summary(self) -> dict[str, Any]:
         return {"device": self.name, **self.metrics.as_dict()}

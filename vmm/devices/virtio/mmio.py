@@ -597,6 +597,17 @@ class VirtioMmioTransport:
             log.exception("%s: config_bytes raised", self.name)
             return b""
 
+    # ---- machine life cycle ------------------------------------------------------
+    def close(self) -> None:
+        """The machine is going away: let the device release its backend."""
+        with self.lock:
+            self._epoch += 1  # late work from device threads is dropped from now on
+            self.device.close()
+
+    def metrics(self) -> dict[str, Any]:
+        """For the machine's summary (same as ``summary()``)."""
+        return self.summary()
+
     # ---- reporting -------------------------------------------------------------
     def summary(self) -> dict[str, Any]:
         with self.lock:
