@@ -346,4 +346,10 @@ class VirtioBlock(VirtioDevice):
             offset += n
 
     def summary(self) -> dict[str, object]:
-        return {**super().summary(), "path": self.path, "capacity_sectors": self.capacity, "read_only": self.read_only}
+        return {
+            **super().summary(),
+            "path": self.path,
+            "capacity_sectors": self.capacity,
+            "read_only": self.read_only,
+            "last_backend_error": self.last_backend_error,
+        }

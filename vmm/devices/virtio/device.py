@@ -37,6 +37,8 @@ The contract, in the order the transport calls it:
     device cannot answer: the transport sets DEVICE_NEEDS_RESET.
 ``reset()``
     The driver wrote 0 to Status: drop every reference to guest buffers.
+``close()``
+    The machine is going away: release files, sockets and threads.
 
 Work can move off the vCPU thread: a device thread calls
 ``link.run_locked(fn)``, which runs ``fn`` under the transport lock only if

@@ -18,6 +18,7 @@ A device model implements the small interface of ``device.VirtioDevice``:
     activate(link)                       DRIVER_OK: memory, queues, features
     handle_queue(index)                  the driver notified queue ``index``
     reset()                              Status := 0
+    close()                              the machine is going away
 
 The transport adds VIRTIO_F_VERSION_1, VIRTIO_F_INDIRECT_DESC and
 VIRTIO_F_EVENT_IDX to what the device offers (the ring implements them).

@@ -22,6 +22,11 @@ Everything read from the guest is treated as hostile:
   length is 0 or not a multiple of 16, and device-readable descriptors after
   device-writable ones (§2.7.4.2) all raise ``VirtqueueError``.
 
+Unknown descriptor flag bits are ignored (the spec defines no device
+reaction), zero-length descriptors are skipped without looking at their
+address, and the WRITE flag of a descriptor that points to an indirect table
+is ignored (§2.7.5.3.2).
+
 ``VirtqueueError`` carries a short ``kind`` (for counting), what was wrong and
 the guest address involved.  The queue marks itself broken and does no more
 work until it is enabled again; the device (through the transport) answers
