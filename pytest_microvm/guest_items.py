@@ -142,8 +142,14 @@ def _verdict(status: ExitStatus) -> str:
 
 def report_ktap(item: pytest.Item, doc: ktap.KtapDocument) -> None:
     """One report per KTAP test case, under ``item``'s node id (as subtests)."""
-    for path, test in ktap.reportable(doc):
-        item.ihook.pytest_runtest_logreport(report=_case_report(item, "::".join(path), test))
+    import contextlib
+
+    capman = item.config.pluginmanager.getplugin("capturemanager")
+    # Reports are written to the terminal as they come: not into this item's captured output.
+    suspended = capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext()
+    with suspended:
+        for path, test in ktap.reportable(doc):
+            item.ihook.pytest_runtest_logreport(report=_case_report(item, "::".join(path), test))
 
 
 def _case_report(item: pytest.Item, name: str, test: ktap.KtapTest) -> pytest.TestReport:
@@ -179,8 +185,9 @@ def _as_subtest(report: pytest.TestReport, name: str) -> pytest.TestReport:
         from _pytest.subtests import SubtestContext, SubtestReport
     except ImportError:  # pragma: no cover - older pytest: a plain report under the item's id
         return report
-    sub = SubtestReport._from_json(report._to_json())
-    sub.context = SubtestContext(msg=name, kwargs={})
+    data = report._to_json()
+    data["_subtest.context"] = SubtestContext(msg=name, kwargs={})._to_json()
+    sub = SubtestReport._from_json(data)
     if hasattr(report, "wasxfail"):
         sub.wasxfail = report.wasxfail  # type: ignore[attr-defined]
     return sub
