@@ -314,9 +314,8 @@ def parse(text: str | bytes | Iterable[str]) -> KtapDocument:
             if planned is not None and reported < planned:
                 err(lineno, f"output ended after {reported} of {planned} planned tests")
         elif planned is None:
-            if len(stack) > 1 or not frame.results:
-                complete = False
-                err(lineno, f"output ended with no plan for {'subtest ' + frame.name if frame.name else 'the top level'}")
+            complete = False
+            err(lineno, f"output ended with no plan for {'subtest ' + frame.name if frame.name else 'the top level'}")
         elif reported < planned:
             complete = False
             frame.results.append(

@@ -54,8 +54,12 @@ class MicroVM:
                 raise MicroVMError(f"{self.name}: already closed")
             self._started = True
         backend = create_backend(self.spec, self._on_exit)
+        try:
+            backend.build()
+        except BaseException:
+            backend.close()
+            raise
         self._backend = backend
-        backend.build()
         self._console = Console(self, self._send, timeout=self.spec.timeout)
         self._panic = PanicWatcher(self.spec.panic_patterns, self._on_panic)
         backend.console_log.add_listener(self._console.feed, replay=True)
