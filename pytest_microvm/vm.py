@@ -258,8 +258,7 @@ class MicroVMFactory:
     def __call__(self, *, name: str | None = None, **overrides: Any) -> MicroVM:
         """A configured, not yet started MicroVM (kernel=, initrd=, append=, mem_mib=, vcpus=, timeout=, backend=)."""
         spec = self._apply(self.base, overrides)
-        index = next(self._names)
-        vm_name = name or f"vm{index}"
+        vm_name = name if name is not None else f"vm{next(self._names)}"
         if any(vm.name == vm_name for vm in self.vms):
             raise MicroVMError(f"microvm_factory: a VM named {vm_name!r} already exists in this test")
         vm = MicroVM(spec, vm_name, self._make_dir)

@@ -17,3 +17,11 @@ def tiny():
     from vmm.guestkit import tiny_guest
 
     return tiny_guest
+
+
+@pytest.fixture(autouse=True)
+def _shared_guest_cache(monkeypatch):
+    """pytester points HOME at a temporary directory; keep using the one built-guest cache."""
+    from vmm.cache import cache_root
+
+    monkeypatch.setenv("MICROVM_CACHE_DIR", str(cache_root()))
