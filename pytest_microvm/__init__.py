@@ -10,16 +10,16 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
-    "MicroVM",
-    "MicroVMFactory",
-    "VmSpec",
+    "AgentUnavailable",
+    "ConsoleTimeout",
     "ExitReason",
     "ExitStatus",
-    "ConsoleTimeout",
-    "VmEnded",
-    "WaitTimeout",
-    "AgentUnavailable",
+    "MicroVM",
     "MicroVMError",
+    "MicroVMFactory",
+    "VmEnded",
+    "VmSpec",
+    "WaitTimeout",
 ]
 
 

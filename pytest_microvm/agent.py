@@ -36,8 +36,9 @@ import subprocess
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import AgentError, AgentUnavailable
 
@@ -134,7 +135,7 @@ def _unb64(text: Any, what: str) -> bytes:
 class AgentClient:
     """The host side, over a MicroVM's console (``MicroVM.run``)."""
 
-    def __init__(self, vm: "MicroVM") -> None:
+    def __init__(self, vm: MicroVM) -> None:
         self._vm = vm
         self._decoder = FrameDecoder()
         self._cond = threading.Condition()
@@ -247,7 +248,7 @@ class AgentServer:
                 raise ValueError("a request needs argv or sh")
             stdin = base64.b64decode(req.get("stdin", ""), validate=True)
             timeout = req.get("timeout")
-            proc = subprocess.run(args, shell=shell, input=stdin, capture_output=True,
+            proc = subprocess.run(args, shell=shell, input=stdin, capture_output=True, check=False,
                                   timeout=float(timeout) if timeout else None)
         except Exception as exc:  # noqa: BLE001 - every failure is answered, never raised into the agent loop
             return encode_frame("error", frame.seq, {"message": f"{type(exc).__name__}: {exc}"})

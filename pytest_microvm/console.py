@@ -48,7 +48,7 @@ class Console(SpawnBase):
 
     def __init__(
         self,
-        vm: "MicroVM",
+        vm: MicroVM,
         send: Callable[[bytes], int],
         *,
         timeout: float,

@@ -34,7 +34,7 @@ class ConsoleTimeout(pexpect.TIMEOUT, MicroVMError):
 class VmEnded(pexpect.EOF, MicroVMError):
     """A console wait could not succeed because the VM ended; ``status`` says why."""
 
-    def __init__(self, message: str, status: "ExitStatus | None" = None) -> None:
+    def __init__(self, message: str, status: ExitStatus | None = None) -> None:
         super().__init__(message)
         self.status = status
 

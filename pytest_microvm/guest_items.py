@@ -120,8 +120,9 @@ class GuestImageItem(pytest.Item):
     def repr_failure(self, excinfo: Any, style: Any = None) -> Any:
         if isinstance(excinfo.value, (GuestFailed, SpecError)):
             return str(excinfo.value)
-        from .errors import MicroVMError
         from vmm.errors import VmmError
+
+        from .errors import MicroVMError
 
         if isinstance(excinfo.value, (MicroVMError, VmmError)):
             return f"{Path(self.path).name}: {excinfo.value}"

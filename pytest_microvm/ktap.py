@@ -30,10 +30,10 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
-__all__ = ["Status", "KtapTest", "KtapDocument", "parse", "reportable"]
+__all__ = ["KtapDocument", "KtapTest", "Status", "parse", "reportable"]
 
 
 class Status(str, enum.Enum):
@@ -75,13 +75,13 @@ class KtapTest:
     reason: str = ""
     #: Diagnostic and unrecognised lines printed at this test's level before its result.
     log: list[str] = field(default_factory=list)
-    subtests: list["KtapTest"] = field(default_factory=list)
+    subtests: list[KtapTest] = field(default_factory=list)
     #: The subtests' plan (``1..N``), when one was printed.
     plan: int | None = None
     #: 1-based line of the result line in the parsed text (None for a crash).
     line: int | None = None
 
-    def walk(self, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], "KtapTest"]]:
+    def walk(self, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], KtapTest]]:
         here = path + (self.name,)
         yield here, self
         for sub in self.subtests:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import Callable, Sequence
+from collections.abc import Sequence
+from typing import Callable
 
 #: Longest line kept for matching; longer lines are matched on their first bytes.
 MAX_LINE = 4096

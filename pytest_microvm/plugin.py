@@ -17,8 +17,9 @@ named on the command line) are test items themselves: see guest_items.py.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -54,8 +55,10 @@ BOOT_TIME_PROPERTY = "microvm_boot_time_s"
 
 _OPTIONS = (
     # (option suffix, ini type, help)
-    ("kernel", "linelist", "guest kernel or image (repeatable: tests run once per kernel); tiny:NAME for a "
-                           f"reference tiny guest (default {DEFAULT_GUEST})"),
+    ("kernel", "linelist", (
+        "guest kernel or image (repeatable: tests run once per kernel); tiny:NAME for a "
+        f"reference tiny guest (default {DEFAULT_GUEST})"
+    )),
     ("initrd", "string", "initial ramdisk"),
     ("append", "string", "kernel command line"),
     ("mem", "string", f"guest memory in MiB (default {DEFAULT_MEM_MIB})"),

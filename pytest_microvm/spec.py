@@ -15,9 +15,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 DEFAULT_GUEST = "tiny:hello"
 DEFAULT_MEM_MIB = 128
@@ -67,7 +68,7 @@ class VmSpec:
     qemu: QemuOptions = field(default_factory=QemuOptions)
     panic_patterns: tuple[str, ...] = DEFAULT_PANIC_PATTERNS
 
-    def replace(self, **changes: Any) -> "VmSpec":
+    def replace(self, **changes: Any) -> VmSpec:
         return dataclasses.replace(self, **changes)
 
     @property
@@ -106,7 +107,7 @@ def parse_positive_float(value: Any, what: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise SpecError(f"{what}: {value!r} is not a number of seconds") from None
-    if not v > 0 or v != v or v == float("inf"):
+    if not 0 < v < float("inf"):
         raise SpecError(f"{what}: {value!r} must be a positive, finite number of seconds")
     return v
 

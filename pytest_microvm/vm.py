@@ -12,8 +12,9 @@ import itertools
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from vmm.exitstatus import ExitReason, ExitStatus
 
@@ -45,7 +46,7 @@ class MicroVM:
         self._lock = threading.Lock()
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def start(self) -> "MicroVM":
+    def start(self) -> MicroVM:
         """Load the kernel and start the guest; returns self."""
         with self._lock:
             if self._started:
@@ -143,7 +144,7 @@ class MicroVM:
             if self._console is not None:
                 self._console.mark_eof()
 
-    def __enter__(self) -> "MicroVM":
+    def __enter__(self) -> MicroVM:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -8,7 +8,6 @@ runs unchanged on both and their results can be compared.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from vmm.console import ConsoleLog

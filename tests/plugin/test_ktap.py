@@ -141,7 +141,7 @@ def test_kernel_timestamps_and_interleaved_log_lines_are_tolerated():
         "[    1.300001] ok 1 s\n"
     )
     assert d.complete and flat(d) == [("s::c", "pass")]
-    assert [t for p, t in d.walk() if p == ("s", "c")][0].log == ["random: crng init done"]
+    assert next(t for p, t in d.walk() if p == ("s", "c")).log == ["random: crng init done"]
 
 
 def test_no_ktap_in_the_output():

@@ -15,7 +15,7 @@ def test_factory_makes_configured_unstarted_vms(microvm_factory, backend):
     vm = microvm_factory(kernel="tiny:echo", backend=backend, mem_mib=64)
     assert not vm.started and vm.exit_status is None and vm.serial_output == ""
     with pytest.raises(MicroVMError, match="console needs a started VM"):
-        vm.console
+        _ = vm.console
     vm.start()
     with pytest.raises(MicroVMError, match="already started"):
         vm.start()
