@@ -105,9 +105,6 @@ def _boot_id() -> str:
 
 
 def _cache_file():
-    from pathlib import Path
+    from .cache import cache_root
 
-    base = os.environ.get("MICROVM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pytest-microvm"
-    )
-    return Path(base) / "hostinfo.json"
+    return cache_root() / "hostinfo.json"
