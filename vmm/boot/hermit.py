@@ -617,7 +617,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         "boot_info_addr": UHYVE_BOOT_INFO_ADDR,
         "fdt_addr": UHYVE_FDT_ADDR,
         "pml4_addr": UHYVE_PML4_ADDR,
-        "identity_map_end": map_end + LARGE_PAGE_SIZE,
+        "identity_map_end": map_end - map_end % LARGE_PAGE_SIZE + LARGE_PAGE_SIZE,
         "page_table_pages": tables + 1,
         "legacy_mapping": img.legacy_mapping,
         "stack": (stack, kernel_address),

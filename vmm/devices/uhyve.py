@@ -114,6 +114,7 @@ CMDSIZE_PARAMS = struct.Struct(f"<i{MAX_ARGC_ENVC}ii{MAX_ARGC_ENVC}i")
 EPERM, ENOENT, EIO, EBADF = 1, 2, 5, 9
 EACCES, EFAULT, EINVAL, EMFILE, ENAMETOOLONG = 13, 14, 22, 24, 36
 O_ACCMODE = 0o3
+O_RDONLY, O_WRONLY, O_RDWR = 0, 1, 2
 O_CREAT, O_EXCL, O_TRUNC, O_APPEND, O_DIRECTORY = 0o100, 0o200, 0o1000, 0o2000, 0o200000
 #: uhyve-interface ALLOWED_OPEN_FLAGS; other bits are dropped, as uhyve does.
 ALLOWED_OPEN_FLAGS = O_ACCMODE | O_CREAT | O_EXCL | O_TRUNC | O_APPEND | O_DIRECTORY
@@ -198,7 +199,9 @@ def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
     the components with O_NOFOLLOW, so no symlink is followed at all.
     """
     global _openat2_works
-    flags |= os.O_CLOEXEC | os.O_NOCTTY
+    flags |= os.O_CLOEXEC if flags & os.O_PATH else os.O_CLOEXEC | os.O_NOCTTY
+    if not flags & os.O_CREAT:
+        mode = 0  # openat2 refuses a mode without O_CREAT
     if _openat2_works is not False:
         try:
             fd = _openat2(root_fd, path, flags, mode)
@@ -215,7 +218,12 @@ def open_beneath(root_fd: int, path: str, flags: int, mode: int = 0) -> int:
     opened: list[int] = []
     try:
         for part in parts[:-1]:
-            dir_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            try:
+                dir_fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+            except NotADirectoryError:
+                if stat.S_ISLNK(os.stat(part, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                    raise OSError(host_errno.ELOOP, "symlink in path", path) from None
+                raise
             opened.append(dir_fd)
         return os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=dir_fd)
     finally:
