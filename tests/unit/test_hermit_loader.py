@@ -52,7 +52,7 @@ def load(name: str, data: bytes | None = None, mem_bytes: int = 16 * MiB, **kw):
 
 
 def phdrs(data: bytes) -> list[tuple]:
-    phoff, = struct.unpack_from("<Q", data, 0x20)
+    (phoff,) = struct.unpack_from("<Q", data, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
     return [struct.unpack_from("<IIQQQQQQ", data, phoff + i * phentsize) for i in range(phnum)]
 
@@ -72,10 +72,11 @@ def rela_entries(data: bytes) -> list[tuple[int, int, int, int]]:
     """(file offset of the entry, r_offset, type, addend) of every RELA entry."""
     tags = dynamic(data)
     start, size = tags[7], tags[8]  # DT_RELA is a vaddr; the first segment maps vaddr == offset here
-    return [
-        (start + off, *(lambda o, i, a: (o, i & 0xFFFFFFFF, a))(*struct.unpack_from("<QQq", data, start + off)))
-        for off in range(0, size, 24)
-    ]
+    out = []
+    for off in range(0, size, 24):
+        r_offset, r_info, addend = struct.unpack_from("<QQq", data, start + off)
+        out.append((start + off, r_offset, r_info & 0xFFFFFFFF, addend))
+    return out
 
 
 def note_offset(data: bytes) -> int:
@@ -94,7 +95,7 @@ def test_probe_accepts_the_real_images(name):
 def test_probe_rejects_other_files():
     assert not hermit.probe(b"")
     assert not hermit.probe(b"MZ" + b"\0" * 100)
-    assert not hermit.probe(Path(sys.executable).resolve().read_bytes()[:1 << 16] or b"")
+    assert not hermit.probe(Path(sys.executable).resolve().read_bytes()[: 1 << 16] or b"")
     _, data = image("hello_world")
     flipped = bytearray(data)
     struct.pack_into("<I", flipped, note_offset(data) + 8, 0x5A01)
@@ -127,7 +128,7 @@ def test_static_pie_is_relocated_at_uhyves_kernel_offset(name):
         assert memory.read_u64(base + r_offset) == base + addend
     entry = struct.unpack_from("<Q", data, 0x18)[0]
     assert setup.entry.rip == base + entry
-    assert setup.details["tls"]["start"] == base + [p for p in phdrs(data) if p[0] == 7][0][3]
+    assert setup.details["tls"]["start"] == base + next(p for p in phdrs(data) if p[0] == 7)[3]
 
 
 @pytest.mark.parametrize("name", sorted(SHA256))
@@ -148,7 +149,7 @@ def test_segments_are_copied_and_bss_zeroed(name):
 
 
 def test_non_relocatable_image_loads_at_its_own_address():
-    setup, memory = load("hello_c")
+    setup, _ = load("hello_c")
     assert setup.details["kernel_address"] == 0x800000
     assert setup.details["relocations"] == 0
     assert setup.entry.rip == 0x8422A0
@@ -167,7 +168,10 @@ def test_boot_info_fields():
     assert (info.phys_addr_start, info.phys_addr_end) == (0, 32 * MiB)
     assert info.serial_port_base == 0x800
     assert info.device_tree == hermit.UHYVE_FDT_ADDR
-    assert (info.kernel_image_start, info.kernel_image_end) == (setup.details["kernel_address"], setup.details["kernel_end"])
+    assert (info.kernel_image_start, info.kernel_image_end) == (
+        setup.details["kernel_address"],
+        setup.details["kernel_end"],
+    )
     assert info.tls is not None and info.tls.memsz == 0xC9 and info.tls.align == 16
     assert info.num_cpus == 3 and info.has_pci is False and info.cpu_freq_khz is None
     assert before <= info.boot_time_ns <= after
@@ -232,12 +236,16 @@ def test_cmdline_that_cannot_be_split_is_a_config_error():
 def test_cpuid_adjust_sets_uhyves_bits():
     from vmm.kvm.system import CpuidEntry  # plain data; no KVM needed
 
-    entries = [CpuidEntry(f, 0, 0, 1, 2, 3, 0xFFFF_FFFF) for f in (1, 0xA, 0x8000_0001, 0x8000_0002, 0x8000_0003, 0x8000_0004)]
+    entries = [
+        CpuidEntry(f, 0, 0, 1, 2, 3, 0xFFFF_FFFF) for f in (1, 0xA, 0x8000_0001, 0x8000_0002, 0x8000_0003, 0x8000_0004)
+    ]
     out = {e.function: e for e in hermit.uhyve_cpuid(entries)}
     assert out[1].ecx & (1 << 31) and out[1].ecx & (1 << 24) and out[1].edx & (1 << 5)
     assert out[0xA].eax == 0
     assert not out[0x8000_0001].edx & (1 << 26)
-    brand = b"".join(struct.pack("<4I", e.eax, e.ebx, e.ecx, e.edx) for e in (out[0x8000_0002], out[0x8000_0003], out[0x8000_0004]))
+    brand = b"".join(
+        struct.pack("<4I", e.eax, e.ebx, e.ecx, e.edx) for e in (out[0x8000_0002], out[0x8000_0003], out[0x8000_0004])
+    )
     assert brand.rstrip(b"\0") == b"uhyve - unikernel hypervisor"
 
 
@@ -393,3 +401,31 @@ def parse_dtb(blob: bytes) -> dict[str, bytes]:
             return props
         else:
             raise AssertionError(f"bad DTB token {token}")
+
+
+def test_attach_takes_fs_root_and_env_from_the_machine_config(tmp_path):
+    """A machine that builds its BootRequest without them still gets them to the guest."""
+    from types import SimpleNamespace
+
+    from vmm.bus import Bus
+    from vmm.devices import RecordingVmControl
+
+    setup, memory = load("hello_world", cmdline="x")
+    (tmp_path / "f").write_bytes(b"")
+    machine = SimpleNamespace(
+        memory=memory,
+        pio_bus=Bus("pio"),
+        control=RecordingVmControl(),
+        serial_sink=lambda data: None,
+        devices={},
+        config=SimpleNamespace(hermit_fs_root=tmp_path, env={"A": "1"}),
+    )
+    setup.attach(machine)
+    dev = machine.devices["uhyve"]
+    assert dev is setup.details["hypercalls"]
+    assert setup.details["hermit_fs_root"] == str(tmp_path) and setup.details["env"] == {"A": "1"}
+    assert dev.env == [b"A=1"] and dev.argv[1:] == [b"x"]
+    tree = parse_dtb(memory.read(hermit.UHYVE_FDT_ADDR, hermit.UHYVE_FDT_SIZE))
+    assert tree["/chosen/bootargs"] == b"x env=A=1\0"
+    assert machine.pio_bus.find(0x540).name == "uhyve-hypercalls"
+    dev.close()

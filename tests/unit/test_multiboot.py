@@ -41,14 +41,18 @@ def elf32(paddr=0x100000, vaddr=None, bss=0x2000, hdr=None, etype=2) -> bytes:
     data_off = 0x60
     filesz = data_off + len(body)
     ehdr = b"\x7fELF\x01\x01\x01" + bytes(9)
-    ehdr += struct.pack("<HHIIIIIHHHHHH", etype, 3, 1, vaddr + data_off + 0x20, ehsize, 0, 0, ehsize, phentsize, 1, 40, 0, 0)
+    ehdr += struct.pack(
+        "<HHIIIIIHHHHHH", etype, 3, 1, vaddr + data_off + 0x20, ehsize, 0, 0, ehsize, phentsize, 1, 40, 0, 0
+    )
     ph = struct.pack("<8I", 1, 0, vaddr, paddr, filesz, filesz + bss, 5, 0x1000)
     out = (ehdr + ph).ljust(data_off, b"\0") + body
     assert len(out) == filesz
     return out
 
 
-def aout(load_addr=0x100000, header_offset=0x40, load_end=None, bss_end=None, entry=None, tail=b"", header_addr=None) -> bytes:
+def aout(
+    load_addr=0x100000, header_offset=0x40, load_end=None, bss_end=None, entry=None, tail=b"", header_addr=None
+) -> bytes:
     """A raw binary with the address fields set: loaded from offset 0 at load_addr."""
     size = header_offset + 32 + len(CODE)
     header_addr = load_addr + header_offset if header_addr is None else header_addr
@@ -67,8 +71,26 @@ def load(data: bytes, mem: int = 64 * MiB, layout_=None, **kw):
 
 def info(memory) -> dict[str, int]:
     fields = struct.unpack_from("<23I", memory.read(mb.MULTIBOOT_INFO_ADDR, 92))
-    names = ("flags mem_lower mem_upper boot_device cmdline mods_count mods_addr s0 s1 s2 s3 "
-             "mmap_length mmap_addr drives_length drives_addr config_table boot_loader_name apm").split()
+    names = [
+        "flags",
+        "mem_lower",
+        "mem_upper",
+        "boot_device",
+        "cmdline",
+        "mods_count",
+        "mods_addr",
+        "s0",
+        "s1",
+        "s2",
+        "s3",
+        "mmap_length",
+        "mmap_addr",
+        "drives_length",
+        "drives_addr",
+        "config_table",
+        "boot_loader_name",
+        "apm",
+    ]
     return dict(zip(names, fields))
 
 
@@ -107,7 +129,7 @@ def test_elf_image_is_loaded_and_entered_in_protected_mode():
 
 
 def test_information_structure():
-    setup, memory = load(elf32(), mem=64 * MiB, cmdline="a=b c")
+    _, memory = load(elf32(), mem=64 * MiB, cmdline="a=b c")
     i = info(memory)
     assert i["flags"] == (1 << 0) | (1 << 2) | (1 << 6) | (1 << 9)
     assert i["mem_lower"] == 639 and i["mem_upper"] == 63 * 1024
@@ -124,7 +146,7 @@ def test_information_structure():
 
 def test_memory_above_the_hole_is_in_the_map_but_not_in_mem_upper():
     ram = [(0, layout.MMIO_GAP_START), (layout.MMIO_GAP_END, 1 << 30)]
-    setup, memory = load(elf32(), layout_=ram)
+    _, memory = load(elf32(), layout_=ram)
     i = info(memory)
     assert i["mem_upper"] == (layout.MMIO_GAP_START - MiB) // 1024
     entries = mmap_entries(memory, i["mmap_addr"], i["mmap_length"])
@@ -180,7 +202,7 @@ def test_aout_zero_load_end_loads_the_whole_file_and_no_bss():
 def test_aout_header_after_load_start():
     # Header at file offset 0x1000, loaded so that file offset 0x800 lands at load_addr.
     data = aout(load_addr=0x300000, header_offset=0x1000, header_addr=0x300800, load_end=0x300100, entry=0x300010)
-    setup, memory = load(data)
+    _, memory = load(data)
     assert memory.read(0x300000, 0x100) == data[0x800:0x900]
 
 
@@ -196,7 +218,9 @@ def test_bad_checksum_is_named():
 
 def test_header_past_8_kib_is_not_found():
     data = bytes(8192) + header() + CODE
-    with pytest.raises(ImageError, match=r"no Multiboot header .* first 8192 bytes; a magic value appears at offset 0x2000"):
+    with pytest.raises(
+        ImageError, match=r"no Multiboot header .* first 8192 bytes; a magic value appears at offset 0x2000"
+    ):
         load(data)
     assert not mb.probe(data)
     assert mb.probe(bytes(8192 - 12) + header())  # the last aligned slot still counts

@@ -87,7 +87,7 @@ class Guest:
         return u.UNLINK_PARAMS.unpack(self.memory.read(PARAMS, u.UNLINK_PARAMS.size))[1]
 
     def put_virtual(self, va: int, data: bytes) -> None:
-        for i in range(0, len(data)):
+        for i in range(len(data)):
             off = va - BUF_VA + i
             self.memory.write_u8(BUF_PAGES[off // 4096] + off % 4096, data[i])
 
@@ -373,9 +373,12 @@ def test_attach_registers_the_port_window_and_fills_cpu_freq():
     memory = GuestMemory([(0, MEM)])
     out = bytearray()
     machine = SimpleNamespace(
-        memory=memory, pio_bus=Bus("pio"), control=RecordingVmControl(), serial_sink=out.extend, tsc_khz=lambda: 2_400_000
+        memory=memory, pio_bus=Bus("pio"), control=RecordingVmControl(), serial_sink=out.extend, devices={}
     )
-    dev = u.attach_uhyve(machine, argv=["/k"], env={}, fs_root=None, boot_info_addr=0x5000, root_page_table=PML4)
+    dev = u.attach_uhyve(
+        machine, argv=["/k"], env={}, fs_root=None, boot_info_addr=0x5000, root_page_table=PML4, tsc_khz=2_400_000
+    )
+    assert machine.devices["uhyve"] is dev
     machine.pio_bus.write(u.UHYVE_PORT_UART, 1, ord("!"))
     assert bytes(out) == b"!"
     machine.pio_bus.write(0x8F0, 4, 0)
@@ -385,6 +388,7 @@ def test_attach_registers_the_port_window_and_fills_cpu_freq():
     from vmm.boot.hermit import BOOT_INFO_CPU_FREQ_OFFSET
 
     assert memory.read_u32(0x5000 + BOOT_INFO_CPU_FREQ_OFFSET) == 2_400_000
+    assert dev.metrics()["calls"] == {"Uart": 1} and dev.metrics()["errors"] == 1
 
 
 def test_component_walk_fallback_follows_no_symlink(root, monkeypatch):

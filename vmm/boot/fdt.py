@@ -36,27 +36,27 @@ class FdtNode:
 
     name: str
     properties: list[tuple[str, bytes]] = field(default_factory=list)
-    children: list["FdtNode"] = field(default_factory=list)
+    children: list[FdtNode] = field(default_factory=list)
 
-    def child(self, name: str) -> "FdtNode":
+    def child(self, name: str) -> FdtNode:
         node = FdtNode(name)
         self.children.append(node)
         return node
 
     # Property encodings, §2.2.4 "Property Values".
-    def prop_empty(self, name: str) -> "FdtNode":
+    def prop_empty(self, name: str) -> FdtNode:
         self.properties.append((name, b""))
         return self
 
-    def prop_u32(self, name: str, *values: int) -> "FdtNode":
+    def prop_u32(self, name: str, *values: int) -> FdtNode:
         self.properties.append((name, b"".join(struct.pack(">I", v & 0xFFFFFFFF) for v in values)))
         return self
 
-    def prop_u64(self, name: str, *values: int) -> "FdtNode":
+    def prop_u64(self, name: str, *values: int) -> FdtNode:
         self.properties.append((name, b"".join(struct.pack(">Q", v & (2**64 - 1)) for v in values)))
         return self
 
-    def prop_string(self, name: str, *values: str) -> "FdtNode":
+    def prop_string(self, name: str, *values: str) -> FdtNode:
         self.properties.append((name, b"".join(v.encode() + b"\0" for v in values)))
         return self
 

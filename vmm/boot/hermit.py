@@ -38,8 +38,9 @@ import dataclasses
 import shlex
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 from .. import layout
 from ..cpustate import (
@@ -91,7 +92,11 @@ LEGACY_MAPPING_BEFORE = (0, 10, 0)
 R_X86_64_64 = 1
 R_X86_64_GLOB_DAT = 6
 R_X86_64_RELATIVE = 8
-_RELOC_NAMES = {R_X86_64_64: "R_X86_64_64", R_X86_64_GLOB_DAT: "R_X86_64_GLOB_DAT", R_X86_64_RELATIVE: "R_X86_64_RELATIVE"}
+_RELOC_NAMES = {
+    R_X86_64_64: "R_X86_64_64",
+    R_X86_64_GLOB_DAT: "R_X86_64_GLOB_DAT",
+    R_X86_64_RELATIVE: "R_X86_64_RELATIVE",
+}
 SHT_DYNSYM = 11
 STB_WEAK = 2
 SHN_UNDEF = 0
@@ -185,7 +190,9 @@ class HermitBootInfo:
             self.serial_port_base or 0,  # Option<NonZeroU16>: 0 is None
             self.device_tree or 0,  # Option<NonZeroU64>
         )
-        load = struct.pack("<6Q", self.kernel_image_start, self.kernel_image_end, tls.start, tls.filesz, tls.memsz, tls.align)
+        load = struct.pack(
+            "<6Q", self.kernel_image_start, self.kernel_image_end, tls.start, tls.filesz, tls.memsz, tls.align
+        )
         boot_time = (self.boot_time_ns & ((1 << 128) - 1)).to_bytes(16, "little")
         platform = struct.pack(
             "<I4x?7xQI4x16s",
@@ -200,7 +207,7 @@ class HermitBootInfo:
         return blob
 
     @classmethod
-    def unpack(cls, blob: bytes) -> "HermitBootInfo":
+    def unpack(cls, blob: bytes) -> HermitBootInfo:
         """Decode a RawBootInfo with PlatformInfo::Uhyve (for tests and diagnostics)."""
         start, end, serial, fdt = struct.unpack_from("<QQH6xQ", blob, 0)
         k0, k1, t0, t1, t2, t3 = struct.unpack_from("<6Q", blob, 32)
@@ -208,7 +215,19 @@ class HermitBootInfo:
         if tag != PLATFORM_UHYVE:
             raise ValueError(f"boot info platform tag {tag} is not Uhyve ({PLATFORM_UHYVE})")
         tls = TlsInfo(t0, t1, t2, t3) if (t0 or t1 or t2 or t3) else None
-        return cls(start, end, serial or None, fdt or None, k0, k1, tls, has_pci, ncpus, freq or None, int.from_bytes(boot_time, "little", signed=True))
+        return cls(
+            start,
+            end,
+            serial or None,
+            fdt or None,
+            k0,
+            k1,
+            tls,
+            has_pci,
+            ncpus,
+            freq or None,
+            int.from_bytes(boot_time, "little", signed=True),
+        )
 
 
 @dataclass(frozen=True)
@@ -317,7 +336,13 @@ def split_cmdline(cmdline: str) -> list[str]:
         raise ConfigError(f"cmdline: cannot split {cmdline!r} into words: {exc}") from None
 
 
-def _fdt(memory_ranges: Iterable[tuple[int, int]], kernel_args: list[str], env: dict[str, str], vcpus: int, tsc_khz: int | None) -> bytes:
+def _fdt(
+    memory_ranges: Iterable[tuple[int, int]],
+    kernel_args: list[str],
+    env: dict[str, str],
+    vcpus: int,
+    tsc_khz: int | None,
+) -> bytes:
     """The device tree uhyve's ``write_fdt_into_mem`` builds (x86_64 parts)."""
     root = FdtNode("")
     root.prop_string("compatible", "hermit,uhyve")
@@ -489,7 +514,10 @@ def _build_page_tables(memory, map_end: int) -> int:
         if entry & PTE_PRESENT:
             return entry & 0x000F_FFFF_FFFF_F000
         if next_table + PAGE_SIZE > UHYVE_PAGETABLES_END:
-            raise ImageError("<page tables>", f"identity map up to {map_end:#x} needs more page tables than fit below {UHYVE_PAGETABLES_END:#x}")
+            raise ImageError(
+                "<page tables>",
+                f"identity map up to {map_end:#x} needs more page tables than fit below {UHYVE_PAGETABLES_END:#x}",
+            )
         table = next_table
         next_table += PAGE_SIZE
         memory.write_u64(parent + index * 8, table | PTE_PRESENT | PTE_WRITABLE)
@@ -545,7 +573,9 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         )
     entry = img.elf.entry + (kernel_address - img.min_vaddr if img.relocatable else 0)
     if not kernel_address <= entry < kernel_end:
-        raise ImageError(path, f"entry point {entry:#x} is outside the loaded image [{kernel_address:#x}, {kernel_end:#x})")
+        raise ImageError(
+            path, f"entry point {entry:#x} is outside the loaded image [{kernel_address:#x}, {kernel_end:#x})"
+        )
 
     kernel_args = split_cmdline(request.cmdline)
     env = dict(getattr(request, "env", {}) or {})
@@ -568,7 +598,9 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
 
     fdt = _fdt(ranges, kernel_args, env, request.vcpus, None)
     if len(fdt) > UHYVE_FDT_SIZE:
-        raise ConfigError(f"cmdline/env: the device tree is {len(fdt)} bytes, more than uhyve's {UHYVE_FDT_SIZE}-byte area")
+        raise ConfigError(
+            f"cmdline/env: the device tree is {len(fdt)} bytes, more than uhyve's {UHYVE_FDT_SIZE}-byte area"
+        )
     memory.write(UHYVE_FDT_ADDR, fdt)
 
     boot_info = HermitBootInfo(
@@ -595,13 +627,36 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         # then switches to the stack the previous CPU prepared.
         return uhyve_cpu_state(entry, UHYVE_BOOT_INFO_ADDR, stack, cpu)
 
-    fs_root = getattr(request, "hermit_fs_root", None)
-
     def attach(machine: Any) -> None:
+        # The machine's config may carry what the request did not (older machines
+        # build the request without these fields).
+        cfg = getattr(machine, "config", None)
+        fs_root = getattr(request, "hermit_fs_root", None) or getattr(cfg, "hermit_fs_root", None)
+        final_env = dict(env or getattr(cfg, "env", None) or {})
+        tsc = getattr(machine, "tsc_khz", None)
+        tsc = tsc() if callable(tsc) else tsc
+        tsc = tsc if isinstance(tsc, int) and 0 < tsc < 1 << 32 else None
+        if final_env != env or tsc:
+            # uhyve writes the device tree once the VM exists, with the TSC frequency.
+            fdt = _fdt(ranges, kernel_args, final_env, request.vcpus, tsc)
+            if len(fdt) > UHYVE_FDT_SIZE:
+                raise ConfigError(
+                    f"env: the device tree is {len(fdt)} bytes, more than uhyve's {UHYVE_FDT_SIZE}-byte area"
+                )
+            memory.fill(UHYVE_FDT_ADDR, UHYVE_FDT_SIZE)
+            memory.write(UHYVE_FDT_ADDR, fdt)
         from ..devices.uhyve import attach_uhyve
 
+        details["env"] = final_env
+        details["hermit_fs_root"] = str(fs_root) if fs_root else None
         details["hypercalls"] = attach_uhyve(
-            machine, argv=argv, env=env, fs_root=fs_root, boot_info_addr=UHYVE_BOOT_INFO_ADDR, root_page_table=UHYVE_PML4_ADDR
+            machine,
+            argv=argv,
+            env=final_env,
+            fs_root=fs_root,
+            boot_info_addr=UHYVE_BOOT_INFO_ADDR,
+            root_page_table=UHYVE_PML4_ADDR,
+            tsc_khz=tsc,
         )
 
     details = {
@@ -623,7 +678,9 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         "stack": (stack, kernel_address),
         "argv": argv,
         "env": env,
-        "hermit_fs_root": str(fs_root) if fs_root else None,
+        "hermit_fs_root": str(getattr(request, "hermit_fs_root", None) or "") or None,
+        # uhyve's own GDT at 0 is what the entry state points at; the machine's boot GDT is not needed.
+        "boot_gdt": False,
         # For the machine: uhyve's CPUID changes, to apply to KVM's supported CPUID.
         "cpuid_adjust": uhyve_cpuid,
     }

@@ -113,16 +113,28 @@ def find_header(data: bytes, path: object = "<memory>") -> MultibootHeader:
         addresses = None
         if flags & MULTIBOOT_AOUT_KLUDGE:
             if off + HEADER.size + ADDRESS_FIELDS.size > len(data):
-                raise ImageError(path, f"Multiboot header at offset {off:#x} sets flags bit 16 but the file ends inside its address fields")
+                raise ImageError(
+                    path,
+                    f"Multiboot header at offset {off:#x} sets flags bit 16 but the file ends inside its address fields",
+                )
             addresses = ADDRESS_FIELDS.unpack_from(data, off + HEADER.size)
         return MultibootHeader(off, flags, addresses)
     if bad_checksum:
         off, flags, checksum = bad_checksum
         want = (-(MULTIBOOT_HEADER_MAGIC + flags)) & 0xFFFFFFFF
-        raise ImageError(path, f"Multiboot header at offset {off:#x} has checksum {checksum:#x}, expected {want:#x} (magic + flags + checksum must be 0)")
+        raise ImageError(
+            path,
+            f"Multiboot header at offset {off:#x} has checksum {checksum:#x}, expected {want:#x} (magic + flags + checksum must be 0)",
+        )
     later = _find_magic(data, MULTIBOOT_SEARCH)
-    where = f"; a magic value appears at offset {later:#x}, past the {MULTIBOOT_SEARCH}-byte limit" if later is not None else ""
-    raise ImageError(path, f"no Multiboot header (magic {MULTIBOOT_HEADER_MAGIC:#x}) in the first {MULTIBOOT_SEARCH} bytes{where}")
+    where = (
+        f"; a magic value appears at offset {later:#x}, past the {MULTIBOOT_SEARCH}-byte limit"
+        if later is not None
+        else ""
+    )
+    raise ImageError(
+        path, f"no Multiboot header (magic {MULTIBOOT_HEADER_MAGIC:#x}) in the first {MULTIBOOT_SEARCH} bytes{where}"
+    )
 
 
 def _find_magic(data: bytes, start: int) -> int | None:
@@ -145,7 +157,9 @@ def probe(data: bytes) -> bool:
 def _check_flags(header: MultibootHeader, path: object) -> None:
     required = header.flags & MULTIBOOT_REQUIRED_MASK
     if required & MULTIBOOT_VIDEO_MODE:
-        raise ImageError(path, "Multiboot header requires video mode information (flags bit 2); this machine has no display")
+        raise ImageError(
+            path, "Multiboot header requires video mode information (flags bit 2); this machine has no display"
+        )
     unknown = required & ~(MULTIBOOT_SUPPORTED_REQUIRED | MULTIBOOT_VIDEO_MODE)
     if unknown:
         bits = ", ".join(str(b) for b in range(16) if unknown >> b & 1)
@@ -160,7 +174,10 @@ def place_aout(header: MultibootHeader, data: bytes, path: object) -> Placement:
         raise ImageError(path, f"Multiboot load_addr {load_addr:#x} is above header_addr {header_addr:#x}")
     load_offset = header.offset - (header_addr - load_addr)
     if load_offset < 0:
-        raise ImageError(path, f"Multiboot header_addr {header_addr:#x} - load_addr {load_addr:#x} puts the load start before the file's beginning")
+        raise ImageError(
+            path,
+            f"Multiboot header_addr {header_addr:#x} - load_addr {load_addr:#x} puts the load start before the file's beginning",
+        )
     if load_end_addr == 0:
         load_end = load_addr + (len(data) - load_offset)
     elif load_end_addr <= load_addr:
@@ -169,12 +186,17 @@ def place_aout(header: MultibootHeader, data: bytes, path: object) -> Placement:
         load_end = load_end_addr
     size = load_end - load_addr
     if load_offset + size > len(data):
-        raise ImageError(path, f"Multiboot load_end_addr {load_end:#x} asks for {size:#x} bytes from file offset {load_offset:#x}, past the end of the file ({len(data):#x} bytes): truncated image?")
+        raise ImageError(
+            path,
+            f"Multiboot load_end_addr {load_end:#x} asks for {size:#x} bytes from file offset {load_offset:#x}, past the end of the file ({len(data):#x} bytes): truncated image?",
+        )
     if bss_end_addr and bss_end_addr < load_end:
         raise ImageError(path, f"Multiboot bss_end_addr {bss_end_addr:#x} is below load_end_addr {load_end:#x}")
     end = max(load_end, bss_end_addr)
     if not load_addr <= entry_addr < end:
-        raise ImageError(path, f"Multiboot entry_addr {entry_addr:#x} is outside the loaded image [{load_addr:#x}, {end:#x})")
+        raise ImageError(
+            path, f"Multiboot entry_addr {entry_addr:#x} is outside the loaded image [{load_addr:#x}, {end:#x})"
+        )
     zero = [(load_end, bss_end_addr - load_end)] if bss_end_addr > load_end else []
     return Placement([(load_addr, data[load_offset : load_offset + size])], zero, entry_addr, load_addr, end)
 
@@ -230,7 +252,9 @@ def memory_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
             if end > layout.EBDA_START:
                 out.append((layout.EBDA_START, 0xA0000 - layout.EBDA_START, MULTIBOOT_MEMORY_RESERVED))
             if end > layout.BIOS_AREA_START:
-                out.append((layout.BIOS_AREA_START, layout.BIOS_AREA_END - layout.BIOS_AREA_START, MULTIBOOT_MEMORY_RESERVED))
+                out.append(
+                    (layout.BIOS_AREA_START, layout.BIOS_AREA_END - layout.BIOS_AREA_START, MULTIBOOT_MEMORY_RESERVED)
+                )
             gpa = max(gpa, layout.HIGH_MEMORY_START)
         if end > gpa:
             out.append((gpa, end - gpa, MULTIBOOT_MEMORY_AVAILABLE))
@@ -335,9 +359,14 @@ def _place_module(path, mmap, size: int, kernel_end: int, boot_areas) -> int:
             continue
         top = min(base + length, U32_LIMIT)
         start = (top - size) & ~(PAGE_SIZE - 1)
-        if start >= max(base, kernel_end) and not any(_overlaps(start, start + size, a0, a1) for _, a0, a1 in boot_areas):
+        if start >= max(base, kernel_end) and not any(
+            _overlaps(start, start + size, a0, a1) for _, a0, a1 in boot_areas
+        ):
             return start
-    raise ImageError(path, f"initrd ({size:#x} bytes) does not fit in guest RAM below 4 GiB above the kernel (ends at {kernel_end:#x})")
+    raise ImageError(
+        path,
+        f"initrd ({size:#x} bytes) does not fit in guest RAM below 4 GiB above the kernel (ends at {kernel_end:#x})",
+    )
 
 
 def _info_structure(mmap, modules, memory) -> bytes:

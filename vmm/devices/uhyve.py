@@ -154,7 +154,9 @@ def translate(memory: GuestMemory, cr3: int, vaddr: int) -> int:
         try:
             entry = memory.read_u64(table + index * 8)
         except GuestMemoryError:
-            raise _Fault(f"page table at {table:#x} for guest-virtual {vaddr:#x} is outside guest memory", EFAULT) from None
+            raise _Fault(
+                f"page table at {table:#x} for guest-virtual {vaddr:#x} is outside guest memory", EFAULT
+            ) from None
         if not entry & PTE_PRESENT:
             raise _Fault(f"guest-virtual address {vaddr:#x} is not mapped", EFAULT)
         if level in (1, 2) and entry & PTE_PS:
@@ -184,7 +186,13 @@ def _openat2(dir_fd: int, path: str, flags: int, mode: int) -> int:
     if _libc is None:
         _libc = ctypes.CDLL(None, use_errno=True)
     how = _OpenHow(flags, mode, _RESOLVE_BENEATH | _RESOLVE_NO_MAGICLINKS)
-    fd = _libc.syscall(ctypes.c_long(_SYS_OPENAT2), ctypes.c_int(dir_fd), ctypes.c_char_p(os.fsencode(path)), ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+    fd = _libc.syscall(
+        ctypes.c_long(_SYS_OPENAT2),
+        ctypes.c_int(dir_fd),
+        ctypes.c_char_p(os.fsencode(path)),
+        ctypes.byref(how),
+        ctypes.c_size_t(ctypes.sizeof(how)),
+    )
     if fd < 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
@@ -337,11 +345,23 @@ class UhyveHypercalls:
     def open_files(self) -> int:
         return len(self._fds)
 
+    def metrics(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "calls": dict(self.stats.calls),
+                "errors": self.stats.errors,
+                "last_error": self.stats.last_error,
+                "console_bytes": self.stats.console_bytes,
+                "open_files": len(self._fds),
+            }
+
     # ---- bus protocol -----------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
         port = HYPERCALL_PORT_BASE + offset
         with self._lock:
-            self._note_error(f"uhyve: guest read {size} byte(s) from hypercall port {port:#x}; hypercall ports are write-only")
+            self._note_error(
+                f"uhyve: guest read {size} byte(s) from hypercall port {port:#x}; hypercall ports are write-only"
+            )
         return (1 << (8 * size)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
@@ -349,7 +369,9 @@ class UhyveHypercalls:
         handler = self._handlers.get(port)
         with self._lock:
             if handler is None:
-                self._note_error(f"uhyve: unknown hypercall port {port:#x} (guest wrote {value:#x}, parameter address {value & 0xFFFFFFFF:#x}); ignored")
+                self._note_error(
+                    f"uhyve: unknown hypercall port {port:#x} (guest wrote {value:#x}, parameter address {value & 0xFFFFFFFF:#x}); ignored"
+                )
                 return
             name = PORT_NAMES[port]
             self.stats.calls[name] = self.stats.calls.get(name, 0) + 1
@@ -367,8 +389,10 @@ class UhyveHypercalls:
                         None,
                         f"uhyve Exit hypercall (port {port:#x}): parameter block at {arg:#x} is outside guest memory",
                     )
-            except Exception as exc:  # never let a guest request kill a vCPU thread
-                self._note_error(f"uhyve {name} hypercall (port {port:#x}, parameter block at {arg:#x}): internal error {type(exc).__name__}: {exc}")
+            except Exception as exc:  # noqa: BLE001 - a guest request must never kill a vCPU thread
+                self._note_error(
+                    f"uhyve {name} hypercall (port {port:#x}, parameter block at {arg:#x}): internal error {type(exc).__name__}: {exc}"
+                )
 
     def _note_error(self, message: str) -> None:
         self.stats.errors += 1
@@ -468,7 +492,9 @@ class UhyveHypercalls:
                 try:
                     self.memory.write(dest, item + b"\0")
                 except GuestMemoryError:
-                    raise _Fault(f"{what}[{i}] destination {dest:#x}+{len(item) + 1:#x} is outside guest memory", EFAULT) from None
+                    raise _Fault(
+                        f"{what}[{i}] destination {dest:#x}+{len(item) + 1:#x} is outside guest memory", EFAULT
+                    ) from None
 
     def _file_open(self, gpa: int) -> None:
         name, flags, mode, _ret = self._read_block(gpa, OPEN_PARAMS)
@@ -490,7 +516,9 @@ class UhyveHypercalls:
                 host_fd = open_beneath(self._root[0], path, host_flags, mode & 0o777)
             except OSError as exc:
                 if exc.errno in (host_errno.EXDEV, host_errno.ELOOP):
-                    raise _Fault(f"path {path!r} refused: it leaves the mapped directory through a symlink", EACCES) from None
+                    raise _Fault(
+                        f"path {path!r} refused: it leaves the mapped directory through a symlink", EACCES
+                    ) from None
                 answer(-(exc.errno or EIO))
                 return
             try:
@@ -511,7 +539,13 @@ class UhyveHypercalls:
         out = {0: os.O_RDONLY, 1: os.O_WRONLY, 2: os.O_RDWR}.get(flags & O_ACCMODE)
         if out is None:
             raise _Fault(f"invalid access mode {flags & O_ACCMODE}", EINVAL)
-        for guest, host in ((O_CREAT, os.O_CREAT), (O_EXCL, os.O_EXCL), (O_TRUNC, os.O_TRUNC), (O_APPEND, os.O_APPEND), (O_DIRECTORY, os.O_DIRECTORY)):
+        for guest, host in (
+            (O_CREAT, os.O_CREAT),
+            (O_EXCL, os.O_EXCL),
+            (O_TRUNC, os.O_TRUNC),
+            (O_APPEND, os.O_APPEND),
+            (O_DIRECTORY, os.O_DIRECTORY),
+        ):
             if flags & guest:
                 out |= host
         return out
@@ -632,7 +666,9 @@ class UhyveHypercalls:
                 dir_fd = open_beneath(self._root[0], parent or ".", os.O_PATH | os.O_DIRECTORY)
             except OSError as exc:
                 if exc.errno in (host_errno.EXDEV, host_errno.ELOOP):
-                    raise _Fault(f"path {path!r} refused: it leaves the mapped directory through a symlink", EACCES) from None
+                    raise _Fault(
+                        f"path {path!r} refused: it leaves the mapped directory through a symlink", EACCES
+                    ) from None
                 answer(-(exc.errno or EIO))
                 return
             try:
@@ -655,16 +691,19 @@ def attach_uhyve(
     fs_root: str | Path | None,
     boot_info_addr: int | None = None,
     root_page_table: int = 0,
+    tsc_khz: int | None = None,
 ) -> UhyveHypercalls:
     """Create the hypercall device for ``machine`` and put it on its port-I/O bus.
 
     Uses ``machine.memory``, ``machine.control``, ``machine.serial_sink`` (the
-    console) and ``machine.pio_bus``.  If the machine offers ``current_cr3()``
-    (the CR3 of the vCPU doing the port write) the v1 buffer translations use
-    it, else the boot page tables.  If it offers ``tsc_khz`` (KVM_GET_TSC_KHZ)
-    the boot info's ``cpu_freq`` is filled in, as uhyve does.
+    console) and ``machine.pio_bus``, and lists the device in
+    ``machine.devices`` (so the machine closes it and reports its metrics).
+    If the machine offers ``current_cr3()`` (the CR3 of the vCPU doing the
+    port write) the v1 buffer translations use it, else ``root_page_table``.
+    ``tsc_khz`` (KVM_GET_TSC_KHZ, as uhyve passes it) goes into the boot
+    info's ``cpu_freq``.
     """
-    console = getattr(machine, "serial_sink", None) or getattr(machine, "console_sink")
+    console = getattr(machine, "serial_sink", None) or machine.console_sink
     cr3 = getattr(machine, "current_cr3", None)
     device = UhyveHypercalls(
         machine.memory,
@@ -676,11 +715,11 @@ def attach_uhyve(
         root_page_table=cr3 if callable(cr3) else root_page_table,
     )
     machine.pio_bus.register(HYPERCALL_PORT_BASE, HYPERCALL_PORT_WINDOW, device, "uhyve-hypercalls")
-    tsc = getattr(machine, "tsc_khz", None)
-    if callable(tsc):
-        tsc = tsc()
-    if boot_info_addr is not None and isinstance(tsc, int) and 0 < tsc < 1 << 32:
+    devices = getattr(machine, "devices", None)
+    if isinstance(devices, dict):
+        devices["uhyve"] = device
+    if boot_info_addr is not None and tsc_khz:
         from ..boot.hermit import BOOT_INFO_CPU_FREQ_OFFSET
 
-        machine.memory.write_u32(boot_info_addr + BOOT_INFO_CPU_FREQ_OFFSET, tsc)
+        machine.memory.write_u32(boot_info_addr + BOOT_INFO_CPU_FREQ_OFFSET, tsc_khz)
     return device
