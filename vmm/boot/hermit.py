@@ -628,6 +628,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         return uhyve_cpu_state(entry, UHYVE_BOOT_INFO_ADDR, stack, cpu)
 
     def attach(machine: Any) -> None:
+        """Put the hypercall device on the machine (it lands in ``machine.devices["uhyve"]``)."""
         # The machine's config may carry what the request did not (older machines
         # build the request without these fields).
         cfg = getattr(machine, "config", None)
@@ -649,7 +650,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
 
         details["env"] = final_env
         details["hermit_fs_root"] = str(fs_root) if fs_root else None
-        details["hypercalls"] = attach_uhyve(
+        attach_uhyve(
             machine,
             argv=argv,
             env=final_env,
@@ -681,8 +682,6 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         "hermit_fs_root": str(getattr(request, "hermit_fs_root", None) or "") or None,
         # uhyve's own GDT at 0 is what the entry state points at; the machine's boot GDT is not needed.
         "boot_gdt": False,
-        # For the machine: uhyve's CPUID changes, to apply to KVM's supported CPUID.
-        "cpuid_adjust": uhyve_cpuid,
     }
     return BootSetup(
         protocol="hermit",
