@@ -62,7 +62,8 @@ def test_multiboot_machine_state(tmp_path):
     kernel = tmp_path / "mb.bin"
     kernel.write_bytes(checking_kernel())
     cfg = MachineConfig(kernel=kernel, mem_mib=16, cmdline="Zcmdline", timeout=60, acpi=False)
-    with Machine(cfg, loader=lambda req: mb.load(req, req.kernel.read_bytes())) as m:
+    with Machine(cfg) as m:  # vmm.boot.load recognises the Multiboot header
+        assert m.boot.protocol == "multiboot"
         m.start()
         status = m.wait()
     assert status.reason is ExitReason.GUEST_EXIT, status.describe()

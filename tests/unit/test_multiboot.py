@@ -10,7 +10,7 @@ import pytest
 from vmm import layout
 from vmm.boot import multiboot as mb
 from vmm.boot.types import BootRequest
-from vmm.cpustate import BOOT_GDT
+from vmm.cpustate import Segment
 from vmm.errors import ImageError
 from vmm.memory import GuestMemory
 
@@ -124,8 +124,11 @@ def test_elf_image_is_loaded_and_entered_in_protected_mode():
     assert st.gprs["rax"] == 0x2BADB002 and st.gprs["rbx"] == mb.MULTIBOOT_INFO_ADDR
     assert st.cs.db == 1 and st.cs.l == 0 and st.cs.limit == 0xFFFFFFFF
     assert not st.rflags & (1 << 9)  # IF clear
-    # The flat code and data descriptors the segment registers were loaded from.
-    assert [memory.read_u64(layout.BOOT_GDT_ADDR + 8 * i) for i in range(4)] == list(BOOT_GDT[:4])
+    # The GDT the state points at holds the flat descriptors the segment registers were loaded from.
+    gdt_base, gdt_limit = st.gdt
+    for seg in (st.cs, st.ds, st.ss):
+        assert seg.selector + 7 <= gdt_limit
+        assert Segment.from_descriptor(seg.selector, memory.read_u64(gdt_base + seg.selector)) == seg
 
 
 def test_information_structure():
@@ -138,8 +141,7 @@ def test_information_structure():
     assert i["mods_count"] == 0
     assert mmap_entries(memory, i["mmap_addr"], i["mmap_length"]) == [
         (0, 0x9FC00, 1),
-        (0x9FC00, 0x400, 2),
-        (0xE0000, 0x20000, 2),
+        (0x9FC00, 0x100000 - 0x9FC00, 2),
         (0x100000, 63 * MiB, 1),
     ]
 

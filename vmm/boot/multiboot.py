@@ -14,7 +14,8 @@ silent this loader does what GRUB does: ``mmap_addr`` points at the first
 entry's ``size`` field, and an ELF entry point given as a virtual address
 is converted to the physical address of the segment that holds it.
 
-Not provided: video mode information (flags bit 2 is refused: this
+The memory map is the machine's e820 map (``vmm.boot.e820``).  Not
+provided: video mode information (flags bit 2 is refused: this
 machine has no display, and the specification says to fail rather than
 ignore a required feature), the ELF section-header table (info bit 5),
 the BIOS boot device, drives and APM tables.  The command line is passed
@@ -30,6 +31,7 @@ from pathlib import Path
 from .. import layout
 from ..cpustate import CpuState, write_boot_gdt
 from ..errors import ConfigError, ImageError
+from .e820 import build_memory_map
 from .elf import EM_386, EM_X86_64, ET_EXEC, PT_LOAD, ElfImage
 from .types import BootRequest, BootSetup
 
@@ -232,33 +234,16 @@ def place_elf(data: bytes, path: object) -> Placement:
     return Placement(pieces, zero, entry, spans[0][0], spans[-1][1])
 
 
-# ---- the memory map (a local e820-style helper) ------------------------------------
+# ---- the memory map ---------------------------------------------------------------
 
 
 def memory_map(ram: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(base, length, type) entries for guest RAM, with the legacy holes reserved.
+    """(base, length, type) entries: the machine's e820 map, shared by every protocol.
 
-    Below 1 MiB: RAM up to the EBDA is available; the EBDA and the BIOS area
-    (where the ACPI tables live) are reserved.  Everything else in RAM is
-    available.
+    Multiboot's memory types are e820's (1 available, 3 ACPI reclaimable,
+    4 preserve on hibernation, 5 defective, anything else reserved).
     """
-    out: list[tuple[int, int, int]] = []
-    for gpa, size in ram:
-        end = gpa + size
-        if gpa < layout.HIGH_MEMORY_START:
-            low_end = min(end, layout.EBDA_START)
-            if low_end > gpa:
-                out.append((gpa, low_end - gpa, MULTIBOOT_MEMORY_AVAILABLE))
-            if end > layout.EBDA_START:
-                out.append((layout.EBDA_START, 0xA0000 - layout.EBDA_START, MULTIBOOT_MEMORY_RESERVED))
-            if end > layout.BIOS_AREA_START:
-                out.append(
-                    (layout.BIOS_AREA_START, layout.BIOS_AREA_END - layout.BIOS_AREA_START, MULTIBOOT_MEMORY_RESERVED)
-                )
-            gpa = max(gpa, layout.HIGH_MEMORY_START)
-        if end > gpa:
-            out.append((gpa, end - gpa, MULTIBOOT_MEMORY_AVAILABLE))
-    return out
+    return [(e.addr, e.size, e.type) for e in build_memory_map(ram)]
 
 
 def _available(mmap: list[tuple[int, int, int]], start: int, end: int) -> bool:
