@@ -52,6 +52,11 @@ class BootRequest:
     direct_elf: bool = False
     #: Where decompressed payloads are cached (by sha256); None means the default.
     cache_dir: Path | None = None
+    #: Environment variables for guests whose protocol passes them (Hermit/uhyve).
+    env: dict[str, str] = field(default_factory=dict)
+    #: Host directory a Hermit guest may open files in through uhyve's file
+    #: hypercalls (None: every open fails with ENOENT).
+    hermit_fs_root: Path | None = None
 
 
 @dataclass
