@@ -689,5 +689,6 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         cmdline=request.cmdline,
         ap_entry=ap_entry,
         attach=attach,
+        cpuid_filter=uhyve_cpuid,
         details=details,
     )

@@ -75,5 +75,8 @@ class BootSetup:
     #: Called with the Machine once it exists, to attach protocol devices
     #: (e.g. Hermit's hypercall ports).
     attach: Callable[[Any], None] | None = None
+    #: Applied to each vCPU's CPUID table after the VMM's normalisation (a
+    #: protocol's own CPUID conventions, e.g. uhyve's).
+    cpuid_filter: Callable[[list[Any]], list[Any]] | None = None
     #: Facts for summaries, errors and tests (kernel version, load addresses, ...).
     details: dict[str, Any] = field(default_factory=dict)
