@@ -1,0 +1,34 @@
+"""Project-wide test configuration: Hypothesis profiles.
+
+- ci: bounded and deterministic, part of every test run (`--hypothesis-profile=ci`).
+- dev: the default locally: more examples, still quick.
+- campaign: long runs (`microvm fuzz` and `-m campaign`).
+"""
+
+from __future__ import annotations
+
+import os
+
+try:
+    from hypothesis import HealthCheck, settings
+except ImportError:  # hypothesis is an optional extra
+    settings = None
+
+if settings is not None:
+    settings.register_profile(
+        "ci",
+        max_examples=60,
+        derandomize=True,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile("dev", max_examples=200, deadline=None, print_blob=True)
+    settings.register_profile(
+        "campaign",
+        max_examples=1_000_000,
+        deadline=None,
+        print_blob=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
