@@ -119,3 +119,9 @@ def test_bad_widths_are_ignored(size: int) -> None:
     dev.write(layout.ACPI_RESET_PORT - AcpiPm.BASE, size, layout.ACPI_RESET_VALUE)
     assert ctl.exits == []
     assert dev.stats.ignored_accesses == 2
+
+
+def test_metrics() -> None:
+    dev = AcpiPm(RecordingVmControl())
+    dev.write(layout.ACPI_RESET_PORT - AcpiPm.BASE, 1, layout.ACPI_RESET_VALUE)
+    assert dev.metrics()["resets"] == 1

@@ -65,3 +65,10 @@ def test_write_off_the_port_or_without_width_is_ignored() -> None:
     dev.write(1, 1, layout.BOOT_TIMER_MAGIC)
     dev.write(0, 0, layout.BOOT_TIMER_MAGIC)
     assert ctl.boot_times == 0 and dev.ignored_writes == 2
+
+
+def test_metrics() -> None:
+    dev = BootTimer(RecordingVmControl())
+    dev.write(0, 1, layout.BOOT_TIMER_MAGIC)
+    dev.write(0, 1, 7)
+    assert dev.metrics() == {"signals": 1, "ignored_writes": 1}

@@ -77,6 +77,10 @@ class AcpiPm:
         #: The sleep type most recently written to the Sleep Control Register.
         self.last_slp_typ: int | None = None
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return self.stats.as_dict()
+
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if not valid_size(size):

@@ -297,6 +297,15 @@ class Serial:
             self._refill()
             self._update_irq()
 
+    def metrics(self) -> dict[str, int]:
+        """Counters and levels, for the machine's metrics."""
+        with self._lock:
+            return {
+                **self.stats.as_dict(),
+                "rx_fifo_level": len(self._rx),
+                "pending_input": len(self._host_queue),
+            }
+
     @property
     def irq_level(self) -> bool:
         """The level this device drives on its IRQ line (INTR gated by OUT2, low in loopback)."""
