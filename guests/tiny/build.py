@@ -401,7 +401,12 @@ def build(names=None, out_dir=None) -> dict[str, Path]:
     target = cache_dir()
     paths = _output_paths(target, names)
     if not all(p.exists() for p in paths.values()):
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GuestBuildError(
+                f"cannot create the guest cache {target}: {exc.strerror} (set MICROVM_CACHE_DIR elsewhere)"
+            ) from None
         with _locked(target.parent / (target.name + ".lock")):
             missing = sorted({n for n in names if not all(p.exists() for p in _output_paths(target, [n]).values())})
             if missing:

@@ -197,6 +197,15 @@ def test_missing_tool_is_named(cache, monkeypatch):
         mod.build(["hello"])
 
 
+def test_unusable_cache_dir_is_named(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MICROVM_CACHE_DIR", str(blocker / "cache"))
+    mod = load_kit()
+    with pytest.raises(mod.GuestBuildError, match=r"cannot create the guest cache .*a-file/cache/tiny"):
+        mod.build(["hello"])
+
+
 def test_cli_prints_paths_and_reports_errors(warm_cache, tmp_path):
     ok = subprocess.run(
         [sys.executable, str(KIT / "build.py"), "--out", str(tmp_path / "o"), "hello"],
