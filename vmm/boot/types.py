@@ -44,10 +44,19 @@ class BootRequest:
     serial_ports: list[SerialPortInfo] = field(default_factory=list)
     #: Add ``virtio_mmio.device=`` entries for mmio_devices to the Linux command line.
     virtio_cmdline: bool = True
+    #: The machine has an i8042 (ACPI FADT IAPC_BOOT_ARCH 8042 flag, DSDT PNP0303).
+    i8042: bool = True
+    #: Extra AML terms (vmm.acpi.aml objects) for the DSDT's \_SB_ scope.
+    acpi_devices: list[Any] = field(default_factory=list)
     #: Decompress a bzImage's payload on the host and enter the ELF directly.
     direct_elf: bool = False
     #: Where decompressed payloads are cached (by sha256); None means the default.
     cache_dir: Path | None = None
+    #: Environment variables for guests whose protocol passes them (Hermit/uhyve).
+    env: dict[str, str] = field(default_factory=dict)
+    #: Host directory a Hermit guest may open files in through uhyve's file
+    #: hypercalls (None: every open fails with ENOENT).
+    hermit_fs_root: Path | None = None
 
 
 @dataclass
@@ -66,5 +75,8 @@ class BootSetup:
     #: Called with the Machine once it exists, to attach protocol devices
     #: (e.g. Hermit's hypercall ports).
     attach: Callable[[Any], None] | None = None
+    #: Applied to each vCPU's CPUID table after the VMM's normalisation (a
+    #: protocol's own CPUID conventions, e.g. uhyve's).
+    cpuid_filter: Callable[[list[Any]], list[Any]] | None = None
     #: Facts for summaries, errors and tests (kernel version, load addresses, ...).
     details: dict[str, Any] = field(default_factory=dict)

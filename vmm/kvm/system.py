@@ -377,6 +377,10 @@ class VcpuFd:
         p = ffi.new("struct kvm_mp_state *", {"mp_state": state})
         _check("KVM_SET_MP_STATE", lib.mvm_ioctl(self.fd, lib.KVM_SET_MP_STATE, p))
 
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return _check("KVM_GET_TSC_KHZ", lib.mvm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0))
+
     def translate(self, linear_address: int) -> tuple[int, bool]:
         """KVM_TRANSLATE: guest-virtual to guest-physical with the vCPU's page tables."""
         p = ffi.new("struct kvm_translation *")
