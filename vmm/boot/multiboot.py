@@ -29,9 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import layout
-from ..cpustate import CpuState, write_boot_gdt
+from ..cpustate import CpuState
 from ..errors import ConfigError, ImageError
 from .e820 import build_memory_map
+from .platform import prepare_platform
 from .elf import EM_386, EM_X86_64, ET_EXEC, PT_LOAD, ElfImage
 from .types import BootRequest, BootSetup
 
@@ -301,7 +302,8 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         memory.write(start, blob)
     for start, length in placement.zero:
         memory.fill(start, length)
-    write_boot_gdt(memory)
+    # GDTs, and ACPI tables found by the BIOS-area scan (multiboot itself has no RSDP field).
+    platform = prepare_platform(request)
     memory.write(layout.CMDLINE_ADDR, cmdline + b"\0")
     memory.write(MULTIBOOT_NAME_ADDR, BOOT_LOADER_NAME + b"\0")
     info = _info_structure(mmap, modules, memory)
@@ -323,6 +325,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
             "info_addr": MULTIBOOT_INFO_ADDR,
             "mmap": mmap,
             "modules": [(s, e) for s, e, _ in modules],
+            "rsdp_addr": platform.rsdp_addr,
         },
     )
 
