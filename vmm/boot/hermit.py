@@ -578,7 +578,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         )
 
     kernel_args = split_cmdline(request.cmdline)
-    env = dict(getattr(request, "env", {}) or {})
+    env = dict(request.env)
     argv = [str(path), *kernel_args]
 
     memory.fill(0, UHYVE_KERNEL_OFFSET)
@@ -629,15 +629,11 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
 
     def attach(machine: Any) -> None:
         """Put the hypercall device on the machine (it lands in ``machine.devices["uhyve"]``)."""
-        # The machine's config may carry what the request did not (older machines
-        # build the request without these fields).
-        cfg = getattr(machine, "config", None)
-        fs_root = getattr(request, "hermit_fs_root", None) or getattr(cfg, "hermit_fs_root", None)
-        final_env = dict(env or getattr(cfg, "env", None) or {})
-        tsc = getattr(machine, "tsc_khz", None)
-        tsc = tsc() if callable(tsc) else tsc
+        fs_root = request.hermit_fs_root
+        final_env = env
+        tsc = machine.tsc_khz
         tsc = tsc if isinstance(tsc, int) and 0 < tsc < 1 << 32 else None
-        if final_env != env or tsc:
+        if tsc:
             # uhyve writes the device tree once the VM exists, with the TSC frequency.
             fdt = _fdt(ranges, kernel_args, final_env, request.vcpus, tsc)
             if len(fdt) > UHYVE_FDT_SIZE:
@@ -679,7 +675,7 @@ def load(request: BootRequest, data: bytes) -> BootSetup:
         "stack": (stack, kernel_address),
         "argv": argv,
         "env": env,
-        "hermit_fs_root": str(getattr(request, "hermit_fs_root", None) or "") or None,
+        "hermit_fs_root": str(request.hermit_fs_root) if request.hermit_fs_root else None,
         # uhyve's own GDT at 0 is what the entry state points at; the machine's boot GDT is not needed.
         "boot_gdt": False,
     }
