@@ -175,14 +175,16 @@ def _forward_stdin(machine) -> threading.Thread | None:
         return None
 
     def pump() -> None:
-        while machine.running or machine.t_started is None:
+        # Input typed before the guest reads it waits in the UART's bounded host
+        # queue; when that is full, wait for the guest to drain it.
+        while machine.status is None:
             try:
                 data = os.read(fd, 4096)
             except OSError:
                 return
             if not data:
                 return
-            while data and machine.running:
+            while data and machine.status is None:
                 n = machine.send_input(data)
                 data = data[n:]
                 if data:

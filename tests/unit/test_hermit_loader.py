@@ -403,14 +403,14 @@ def parse_dtb(blob: bytes) -> dict[str, bytes]:
             raise AssertionError(f"bad DTB token {token}")
 
 
-def test_attach_takes_fs_root_and_env_from_the_machine_config(tmp_path):
-    """A machine that builds its BootRequest without them still gets them to the guest."""
+def test_attach_takes_fs_root_env_and_tsc_from_the_request_and_machine(tmp_path):
+    """The request's fs root and environment, and the machine's TSC rate, reach the guest."""
     from types import SimpleNamespace
 
     from vmm.bus import Bus
     from vmm.devices import RecordingVmControl
 
-    setup, memory = load("hello_world", cmdline="x")
+    setup, memory = load("hello_world", cmdline="x", hermit_fs_root=tmp_path, env={"A": "1"})
     (tmp_path / "f").write_bytes(b"")
     machine = SimpleNamespace(
         memory=memory,
@@ -418,7 +418,7 @@ def test_attach_takes_fs_root_and_env_from_the_machine_config(tmp_path):
         control=RecordingVmControl(),
         serial_sink=lambda data: None,
         devices={},
-        config=SimpleNamespace(hermit_fs_root=tmp_path, env={"A": "1"}),
+        tsc_khz=2_600_000,
     )
     setup.attach(machine)
     dev = machine.devices["uhyve"]
@@ -429,5 +429,6 @@ def test_attach_takes_fs_root_and_env_from_the_machine_config(tmp_path):
     assert dev.env == [b"A=1"] and dev.argv[1:] == [b"x"]
     tree = parse_dtb(memory.read(hermit.UHYVE_FDT_ADDR, hermit.UHYVE_FDT_SIZE))
     assert tree["/chosen/bootargs"] == b"x env=A=1\0"
+    assert tree["/hermit,tsc/khz"] == (2_600_000).to_bytes(4, "big")
     assert machine.pio_bus.find(0x540).name == "uhyve-hypercalls"
     dev.close()
