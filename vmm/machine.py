@@ -53,6 +53,8 @@ class MachineConfig:
     devices: list[Any] = field(default_factory=list)
     #: Directory a Hermit guest may open files in (None: no file access).
     hermit_fs_root: Path | str | None = None
+    #: Environment for guests that take one at boot (Hermit).
+    env: dict[str, str] = field(default_factory=dict)
     #: Most bytes of serial output kept in memory (older bytes are dropped, and counted).
     console_limit: int = 16 << 20
     cache_dir: Path | str | None = None
@@ -182,17 +184,19 @@ class Machine:
             vcpus=cfg.vcpus,
             acpi=cfg.acpi,
             mmio_devices=mmio_infos,
+            virtio_cmdline=not cfg.acpi,
             serial_ports=[SerialPortInfo(layout.COM1_PORT, layout.COM1_IRQ)],
             direct_elf=cfg.direct_elf,
             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+            env=dict(cfg.env),
+            hermit_fs_root=Path(cfg.hermit_fs_root) if cfg.hermit_fs_root else None,
         )
         if loader is None:
             from .boot import load as loader
         self.boot = loader(request)
+        self._create_vcpus()
         if self.boot.attach is not None:
             self.boot.attach(self)
-
-        self._create_vcpus()
 
     def irq_line(self, gsi: int) -> CallbackIrqLine:
         """An interrupt line wired to the in-kernel irqchip's ``gsi``."""
@@ -254,7 +258,10 @@ class Machine:
             fd = self.vm.create_vcpu(index)
             vcpu = Vcpu(self, fd)
             self.vcpus.append(vcpu)
-            fd.set_cpuid2(cpuid_mod.normalize(supported, index, cfg.vcpus, tsc_deadline=tsc_deadline))
+            table = cpuid_mod.normalize(supported, index, cfg.vcpus, tsc_deadline=tsc_deadline)
+            if self.boot.cpuid_filter is not None:
+                table = self.boot.cpuid_filter(table)
+            fd.set_cpuid2(table)
             if msrs:
                 fd.set_msrs(msrs)
             vcpu.set_fpu_defaults()
@@ -296,6 +303,15 @@ class Machine:
     def note_boot_time(self) -> None:
         if self.t_boot is None:
             self.t_boot = time.monotonic()
+
+    @property
+    def tsc_khz(self) -> int | None:
+        """The guest TSC frequency, when KVM reports it."""
+        from .kvm.system import lib
+
+        if not self.vcpus or not self.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
+            return None
+        return self.vcpus[0].fd.get_tsc_khz()
 
     @property
     def serial_sink(self) -> Callable[[bytes], None]:

@@ -139,7 +139,7 @@ def _source_files(kit: Path) -> list[Path]:
     return files
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tool_versions() -> str:
     lines = []
     for tool in TOOLS:
@@ -199,7 +199,12 @@ class _Builder:
         for src in sources:
             obj = self.work / (src.parent.name + "_" + src.name + ".o")
             flags = list(CFLAGS) + (list(ASFLAGS) if src.suffix == ".S" else [])
-            jobs.append((["gcc", *flags, *self.include, "-c", str(src), "-o", str(obj)], f"compiling {src.relative_to(self.kit)}"))
+            jobs.append(
+                (
+                    ["gcc", *flags, *self.include, "-c", str(src), "-o", str(obj)],
+                    f"compiling {src.relative_to(self.kit)}",
+                )
+            )
             objs[src] = obj
         self._parallel(jobs)
         return objs
@@ -219,24 +224,61 @@ class _Builder:
         # The setup area is the same for every guest.
         setup_elf = self.work / "setup.elf"
         setup_bin = self.work / "setup.bin"
-        _run(["ld", *LDFLAGS, "-T", str(arch / "setup.ld"), str(objs[asm["setup"]]), "-o", str(setup_elf)], "linking the bzImage setup")
+        _run(
+            ["ld", *LDFLAGS, "-T", str(arch / "setup.ld"), str(objs[asm["setup"]]), "-o", str(setup_elf)],
+            "linking the bzImage setup",
+        )
         _run(["objcopy", "-O", "binary", str(setup_elf), str(setup_bin)], "extracting the bzImage setup")
 
         links = []
         for name, src in zip(names, prog_srcs):
             prog = str(objs[src])
             w = self.work
-            links.append((["ld", *LDFLAGS, *script, *common, prog, "-o", str(w / f"{name}.payload.elf")], f"linking {name} (bzImage payload)"))
-            links.append((["ld", *LDFLAGS, *script, *common, str(objs[asm["pvh"]]), prog, "-o", str(w / f"{name}.pvh.elf")], f"linking {name} (PVH)"))
             links.append(
-                (["ld", *LDFLAGS, *script, "-e", "multiboot_start", *common, str(objs[asm["multiboot"]]), prog, "-o", str(w / f"{name}.mb64.elf")], f"linking {name} (multiboot)")
+                (
+                    ["ld", *LDFLAGS, *script, *common, prog, "-o", str(w / f"{name}.payload.elf")],
+                    f"linking {name} (bzImage payload)",
+                )
+            )
+            links.append(
+                (
+                    ["ld", *LDFLAGS, *script, *common, str(objs[asm["pvh"]]), prog, "-o", str(w / f"{name}.pvh.elf")],
+                    f"linking {name} (PVH)",
+                )
+            )
+            links.append(
+                (
+                    [
+                        "ld",
+                        *LDFLAGS,
+                        *script,
+                        "-e",
+                        "multiboot_start",
+                        *common,
+                        str(objs[asm["multiboot"]]),
+                        prog,
+                        "-o",
+                        str(w / f"{name}.mb64.elf"),
+                    ],
+                    f"linking {name} (multiboot)",
+                )
             )
         self._parallel(links)
         converts = []
         for name in names:
             w = self.work
-            converts.append((["objcopy", "-O", "binary", str(w / f"{name}.payload.elf"), str(w / f"{name}.payload.bin")], f"extracting the {name} payload"))
-            converts.append((["objcopy", "-O", "elf32-i386", str(w / f"{name}.mb64.elf"), str(w / f"{name}.multiboot.elf")], f"converting {name} to ELF32 for multiboot"))
+            converts.append(
+                (
+                    ["objcopy", "-O", "binary", str(w / f"{name}.payload.elf"), str(w / f"{name}.payload.bin")],
+                    f"extracting the {name} payload",
+                )
+            )
+            converts.append(
+                (
+                    ["objcopy", "-O", "elf32-i386", str(w / f"{name}.mb64.elf"), str(w / f"{name}.multiboot.elf")],
+                    f"converting {name} to ELF32 for multiboot",
+                )
+            )
         self._parallel(converts)
 
         out: dict[str, Path] = {}
@@ -253,7 +295,12 @@ class _Builder:
 
 
 def make_bzimage(setup: bytes, payload: bytes, name: str = "guest") -> bytes:
-    """Setup area + payload, with setup_sects, syssize and init_size filled in (boot.rst)."""
+    """Setup area + payload, as Linux's arch/x86/boot/tools/build.c lays a bzImage out.
+
+    Fills setup_sects, syssize and init_size, pads the payload so the file ends
+    on a 16-byte paragraph, and appends the boot protocol's CRC-32 (boot.rst
+    "The Image Checksum": the CRC of the whole file up to syssize is then 0).
+    """
     if len(setup) % SECTOR:
         setup += bytes(SECTOR - len(setup) % SECTOR)
     if setup[HDRS_OFFSET : HDRS_OFFSET + 4] != HDRS_MAGIC:
@@ -266,11 +313,16 @@ def make_bzimage(setup: bytes, payload: bytes, name: str = "guest") -> bytes:
         raise GuestBuildError(f"{name}: payload lacks the image info block at {IMAGE_INFO_OFFSET:#x}")
     if file_size != len(payload):
         raise GuestBuildError(f"{name}: payload is {len(payload)} bytes but the image says {file_size}")
+    syssize = (len(payload) + 4 + 15) // 16
+    if syssize * 16 > init_size:
+        raise GuestBuildError(f"{name}: init_size {init_size:#x} is smaller than the payload")
     hdr = bytearray(setup)
     hdr[SETUP_SECTS_OFFSET] = setup_sects
-    struct.pack_into("<I", hdr, SYSSIZE_OFFSET, (len(payload) + 15) // 16)
+    struct.pack_into("<I", hdr, SYSSIZE_OFFSET, syssize)
     struct.pack_into("<I", hdr, INIT_SIZE_OFFSET, init_size)
-    return bytes(hdr) + payload
+    body = bytes(hdr) + payload + bytes(syssize * 16 - 4 - len(payload))
+    crc = zlib.crc32(body) ^ 0xFFFFFFFF  # build.c's raw CRC: seeded with ~0, never inverted
+    return body + struct.pack("<I", crc)
 
 
 def _elf_notes(data: bytes) -> list[tuple[bytes, int, bytes]]:
@@ -349,7 +401,12 @@ def build(names=None, out_dir=None) -> dict[str, Path]:
     target = cache_dir()
     paths = _output_paths(target, names)
     if not all(p.exists() for p in paths.values()):
-        target.mkdir(parents=True, exist_ok=True)
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GuestBuildError(
+                f"cannot create the guest cache {target}: {exc.strerror} (set MICROVM_CACHE_DIR elsewhere)"
+            ) from None
         with _locked(target.parent / (target.name + ".lock")):
             missing = sorted({n for n in names if not all(p.exists() for p in _output_paths(target, [n]).values())})
             if missing:

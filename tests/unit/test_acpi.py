@@ -153,6 +153,11 @@ def test_madt_one_lapic_per_vcpu(memory, vcpus):
     assert nmi[2] == 0xFF and nmi[4] == 1
 
 
+def test_madt_needs_a_vcpu(memory):
+    with pytest.raises(ConfigError, match="--vcpus"):
+        tables(memory, vcpus=0)
+
+
 def test_madt_x2apic_for_big_guests(memory):
     tables(memory, vcpus=300)
     entries = madt_entries(follow(memory)[b"APIC"][1])

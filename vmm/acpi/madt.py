@@ -10,6 +10,7 @@ from __future__ import annotations
 import struct
 
 from .. import layout
+from ..errors import ConfigError
 from . import sdt
 
 MADT_REVISION = 5
@@ -42,7 +43,7 @@ IOAPIC_ID = 0
 
 def build_madt(vcpus: int) -> bytes:
     if vcpus < 1:
-        raise ValueError("a MADT needs at least one vCPU")
+        raise ConfigError(f"--vcpus: {vcpus} is not a vCPU count (a MADT lists at least one)")
     body = bytearray(struct.pack("<II", layout.LAPIC_ADDR, PCAT_COMPAT))
     for cpu in range(vcpus):
         if cpu <= MAX_XAPIC_ID:

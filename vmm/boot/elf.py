@@ -195,6 +195,10 @@ class ElfImage:
             out.append(SectionHeader(name, typ, flags, addr, offset, sz))
         return out
 
+    def section_bytes(self, sh: SectionHeader) -> bytes:
+        """The file contents of a section (checked against the file's length)."""
+        return self._slice(sh.offset, sh.size, f"section {sh.name or '?'}")
+
     # ---- notes --------------------------------------------------------------
     def notes(self) -> list[Note]:
         """Every note in PT_NOTE segments (or SHT_NOTE sections when there are none)."""

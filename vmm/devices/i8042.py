@@ -82,6 +82,10 @@ class I8042:
             bus.register(command_port, 1, self.command_port, "i8042-command"),
         ]
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return self.stats.as_dict()
+
     @property
     def status(self) -> int:
         """The status register as a guest reads it from the command port."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from ..irq import IrqLine
 from .byteio import UNDECODED_BYTE, split_read, split_write, valid_size
@@ -186,7 +186,7 @@ class Serial:
     def __init__(
         self,
         irq: IrqLine,
-        output: Optional[OutputSink] = None,
+        output: OutputSink | None = None,
         *,
         input_queue_limit: int = DEFAULT_INPUT_QUEUE_LIMIT,
     ) -> None:
@@ -277,7 +277,10 @@ class Serial:
         with self._lock:
             old = self._modem_inputs()
             self._external_modem_inputs = (
-                (MSR_CTS if cts else 0) | (MSR_DSR if dsr else 0) | (MSR_RI if ri else 0) | (MSR_DCD if dcd else 0)
+                (MSR_CTS if cts else 0)
+                | (MSR_DSR if dsr else 0)
+                | (MSR_RI if ri else 0)
+                | (MSR_DCD if dcd else 0)
             )
             self._note_modem_change(old, self._modem_inputs())
             self._update_irq()
@@ -293,6 +296,15 @@ class Serial:
             self._reset_registers()
             self._refill()
             self._update_irq()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters and levels, for the machine's metrics."""
+        with self._lock:
+            return {
+                **self.stats.as_dict(),
+                "rx_fifo_level": len(self._rx),
+                "pending_input": len(self._host_queue),
+            }
 
     @property
     def irq_level(self) -> bool:

@@ -24,6 +24,26 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         f"from linux-libc-dev) ({exc})"
     ) from exc
 
+def _check_fresh() -> None:
+    import hashlib
+    from pathlib import Path
+
+    built = ffi.string(lib.mvm_build_hash()).decode()
+    source = hashlib.sha256((Path(__file__).with_name("_build.py")).read_bytes()).hexdigest()[:16]
+    if built != source:
+        raise KvmUnavailableError(
+            "the compiled KVM bindings (vmm.kvm._kvm) are older than vmm/kvm/_build.py: "
+            "rebuild them with `pip install -e .`"
+        )
+
+
+try:
+    _check_fresh()
+except AttributeError:  # built before the hash existed
+    raise KvmUnavailableError(
+        "the compiled KVM bindings (vmm.kvm._kvm) are stale: rebuild them with `pip install -e .`"
+    ) from None
+
 KVM_API_VERSION = 12
 MAX_CPUID_ENTRIES = 256
 DEFAULT_KVM_PATH = "/dev/kvm"
@@ -376,6 +396,10 @@ class VcpuFd:
     def set_mp_state(self, state: int) -> None:
         p = ffi.new("struct kvm_mp_state *", {"mp_state": state})
         _check("KVM_SET_MP_STATE", lib.mvm_ioctl(self.fd, lib.KVM_SET_MP_STATE, p))
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return _check("KVM_GET_TSC_KHZ", lib.mvm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0))
 
     def translate(self, linear_address: int) -> tuple[int, bool]:
         """KVM_TRANSLATE: guest-virtual to guest-physical with the vCPU's page tables."""

@@ -309,8 +309,9 @@ gdt:
 	.quad	0x00cf93000000ffff	/* 0x10 kernel data */
 	.quad	0x00cff3000000ffff	/* 0x18 user data (DPL 3) */
 	.quad	0x00affb000000ffff	/* 0x20 user code, 64-bit (DPL 3) */
+	.quad	0x00cf9b000000ffff	/* 0x28 kernel code, 32-bit (AP trampoline) */
 gdt_tss:
-	.fill	MAX_CPUS * 2, 8, 0	/* 0x28 + 16 * n: CPU n's TSS */
+	.fill	MAX_CPUS * 2, 8, 0	/* 0x30 + 16 * n: CPU n's TSS */
 gdt_end:
 	.globl gdt_limit
 	gdt_limit = gdt_end - gdt - 1	/* for the AP trampoline's lgdt */

@@ -4,14 +4,15 @@
  * 1 MiB, page aligned) and sends INIT-SIPI-SIPI with that page as the vector;
  * each AP starts here in real mode with CS = page << 8, IP = 0.
  *
- * It goes straight from real mode to long mode (PAE, EFER.LME, then CR0.PE and
- * CR0.PG in one write, which the architecture permits) and far-jumps into
- * ap_entry64 with the shared GDT and page tables.  Everything it reads is
- * addressed relative to its own start, so it runs from any page.
+ * Real mode -> 32-bit protected mode on the shared GDT -> long mode (PAE,
+ * EFER.LME, CR0.PG: SDM Vol. 3A 9.9.1 and 9.8.5), then a far jump into
+ * ap_entry64.  The 16-bit part addresses its data relative to CS; the
+ * 32-bit part runs at the fixed copy address.
  */
 #include "tiny_abi.h"
 
 #define REL(sym) ((sym) - smp_trampoline_start)
+#define ABS(sym) (SMP_TRAMPOLINE_ADDR + REL(sym))
 
 	.section .rodata.trampoline, "a"
 	.code16
@@ -22,29 +23,38 @@ smp_trampoline_start:
 	cld
 	movw	%cs, %ax
 	movw	%ax, %ds
+	lgdtl	REL(tramp_gdtr)
+	movl	%cr0, %eax
+	andl	$~(CR0_CD | CR0_NW), %eax
+	orl	$CR0_PE, %eax
+	movl	%eax, %cr0
+	ljmpl	*REL(tramp_pm32)
+
+	.code32
+pm32:
+	movl	$KERNEL_DS, %eax
+	movl	%eax, %ds
+	movl	%eax, %es
+	movl	%eax, %ss
 	movl	$CR4_PAE, %eax
 	movl	%eax, %cr4
-	movl	REL(tramp_cr3), %eax
+	movl	$pml4, %eax
 	movl	%eax, %cr3
 	movl	$MSR_EFER, %ecx
 	rdmsr
 	orl	$EFER_LME, %eax
 	wrmsr
-	lgdtl	REL(tramp_gdtr)
 	movl	%cr0, %eax
-	andl	$~(CR0_CD | CR0_NW), %eax
-	orl	$(CR0_PE | CR0_PG), %eax
+	orl	$CR0_PG, %eax
 	movl	%eax, %cr0
-	ljmpl	*REL(tramp_target)
+	ljmp	$KERNEL_CS, $ap_entry64
 
 	.balign 8
 	.word	0
 tramp_gdtr:				/* limit, 32-bit base of the shared GDT */
 	.word	gdt_limit
 	.long	gdt
-tramp_cr3:
-	.long	pml4
-tramp_target:				/* m16:32 far pointer */
-	.long	ap_entry64
-	.word	KERNEL_CS
+tramp_pm32:				/* m16:32 far pointer into pm32 above */
+	.long	ABS(pm32)
+	.word	KERNEL_CS32
 smp_trampoline_end:

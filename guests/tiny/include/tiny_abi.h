@@ -14,12 +14,13 @@
 #define STARTUP_64_OFFSET    0x200
 #define IMAGE_INFO_MAGIC     0x594e4954      /* "TINY" */
 
-/* Our GDT (not the loader's): kernel code/data, user data/code, then one TSS per CPU. */
+/* Our GDT (not the loader's): kernel code/data, user data/code, 32-bit code, then one TSS per CPU. */
 #define KERNEL_CS            0x08
 #define KERNEL_DS            0x10
 #define USER_DS              0x18            /* used as 0x1b (RPL 3) */
 #define USER_CS              0x20            /* used as 0x23 (RPL 3) */
-#define TSS_SEL_BASE         0x28            /* CPU n's TSS: TSS_SEL_BASE + 16 * n */
+#define KERNEL_CS32          0x28            /* 32-bit code, for the AP trampoline */
+#define TSS_SEL_BASE         0x30            /* CPU n's TSS: TSS_SEL_BASE + 16 * n */
 
 #define MAX_CPUS             64
 #define KSTACK_SIZE          0x4000          /* per CPU: [0, 4K) double-fault IST, [4K, 16K) RSP0 */

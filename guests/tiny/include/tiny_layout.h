@@ -10,7 +10,8 @@
 
 /* ---- low memory (below 1 MiB) ---- */
 #define BOOT_GDT_ADDR        0x500
-#define BOOT_IDT_ADDR        0x520
+#define BOOT_GDT32_ADDR      0x530
+#define BOOT_IDT_ADDR        0x560
 #define ZERO_PAGE_ADDR       0x7000
 #define BOOT_STACK_POINTER   0x8FF0
 #define PML4_ADDR            0x9000

@@ -35,10 +35,23 @@ void serial_init(void)
 	outb(COM1_PORT + UART_DLL, 1);	/* 115200 baud */
 	outb(COM1_PORT + UART_DLM, 0);
 	outb(COM1_PORT + UART_LCR, LCR_8N1);
-	outb(COM1_PORT + UART_FCR, FCR_ENABLE_CLEAR);
 	outb(COM1_PORT + UART_MCR, MCR_DTR_RTS);
-	fifo_size = (inb(COM1_PORT + UART_IIR) & IIR_FIFO_MASK) == IIR_FIFO_MASK ? UART_FIFO_SIZE : 1;
 	tx_room = 0;
+	/*
+	 * Switching the FIFOs on empties them, so never do it while the host's
+	 * input is waiting: use FIFOs firmware left on, enable them when nothing
+	 * has arrived yet, and otherwise stay in byte-at-a-time mode.
+	 */
+	if ((inb(COM1_PORT + UART_IIR) & IIR_FIFO_MASK) == IIR_FIFO_MASK) {
+		fifo_size = UART_FIFO_SIZE;
+		return;
+	}
+	fifo_size = 1;
+	if (inb(COM1_PORT + UART_LSR) & LSR_DR)
+		return;
+	outb(COM1_PORT + UART_FCR, FCR_ENABLE_CLEAR);
+	if ((inb(COM1_PORT + UART_IIR) & IIR_FIFO_MASK) == IIR_FIFO_MASK)
+		fifo_size = UART_FIFO_SIZE;
 }
 
 static void tx(char c)

@@ -7,6 +7,7 @@
  * without leaving ring 3.  Each AP runs a few dozen ring-0 instructions
  * (trampoline.S, ap_entry64 in head.S) and continues in ring 3 in ap_start().
  */
+#include "bootparam.h"
 #include "tiny.h"
 
 #define SVR_APIC_ENABLE     0x100
@@ -97,6 +98,17 @@ __attribute__((weak)) void ap_main(int cpu)
 	(void)cpu;
 }
 
+/* The loader's memory map must call the trampoline page RAM before we write it. */
+static bool trampoline_page_is_ram(void)
+{
+	for (int i = 0; i < boot.n_mem; i++) {
+		const struct mem_range *m = &boot.mem[i];
+		if (m->type == E820_RAM && m->addr <= SMP_TRAMPOLINE_ADDR && SMP_TRAMPOLINE_ADDR + 0x1000 <= m->addr + m->size)
+			return true;
+	}
+	return false;
+}
+
 int smp_boot(int want, uint32_t timeout_ms)
 {
 	static bool started;
@@ -105,6 +117,11 @@ int smp_boot(int want, uint32_t timeout_ms)
 	if (want <= 0 || started)
 		return (int)smp_ap_count;
 	started = true;
+	if (!trampoline_page_is_ram()) {
+		printf("tiny: smp: the memory map does not list [%#x, %#x) as RAM; not starting APs\n",
+		       SMP_TRAMPOLINE_ADDR, SMP_TRAMPOLINE_ADDR + 0x1000);
+		return 0;
+	}
 	for (int cpu = 1; cpu < MAX_CPUS; cpu++)
 		prepare_cpu(cpu);
 	memcpy((void *)SMP_TRAMPOLINE_ADDR, smp_trampoline_start,

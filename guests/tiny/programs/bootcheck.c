@@ -9,6 +9,7 @@
  *   initrd_size=N initrd_sum=H  initrd length and CRC-32 (zlib's) in hex;
  *                               build.py's initrd_cmdline() writes both
  *   acpi=off                    skip the ACPI checks
+ *   smp_timeout_ms=N            how long to wait for the APs (default 2000)
  */
 #include "bootparam.h"
 #include "tiny.h"
@@ -361,7 +362,7 @@ static void check_smp(const uint32_t *madt_ids, int n_madt)
 		return;
 	}
 	int want = (int)vcpus - 1;
-	int got = smp_boot(want, 2000);
+	int got = smp_boot(want, (uint32_t)cmdline_u64("smp_timeout_ms", 2000));
 	char detail[200];
 	size_t used = (size_t)snprintf(detail, sizeof(detail), "%d of %d APs; apic ids", got, want);
 	bool ok = got == want;
