@@ -221,10 +221,10 @@ class Machine:
         i8042.register(self.pio_bus)
         self.devices["i8042"] = i8042
         debug_exit = DebugExit(self)
-        self.pio_bus.register(layout.DEBUG_EXIT_PORT, DebugExit.SIZE, debug_exit, "debug-exit")
+        self.pio_bus.register(layout.DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
         self.devices["debug-exit"] = debug_exit
         timer = BootTimer(self)
-        self.pio_bus.register(layout.BOOT_TIMER_PORT, BootTimer.SIZE, timer, "boot-timer")
+        self.pio_bus.register(layout.BOOT_TIMER_PORT, 1, timer, "boot-timer")
         self.devices["boot-timer"] = timer
         pm = AcpiPm(self)
         self.pio_bus.register(AcpiPm.BASE, AcpiPm.SIZE, pm, "acpi-pm")
