@@ -173,11 +173,13 @@ class AgentClient:
         vm = self._vm
         budget = timeout if timeout is not None else vm.spec.timeout
         deadline = time.monotonic() + budget
-        hello_deadline = min(deadline, time.monotonic() + (timeout if timeout is not None else DEFAULT_HELLO_TIMEOUT))
-        if not self._wait_for("hello", lambda: self._hello is not None, hello_deadline):
+        hello_budget = min(budget, timeout if timeout is not None else DEFAULT_HELLO_TIMEOUT)
+        if not self._wait_for("hello", lambda: self._hello is not None, time.monotonic() + hello_budget):
             status = vm.exit_status
-            why = f"the VM ended ({status.describe()})" if status is not None else (
-                f"no hello frame on its console within {hello_deadline - (deadline - budget):.3g} s"
+            why = (
+                f"the VM ended ({status.describe()})"
+                if status is not None
+                else f"no hello frame on its console within {hello_budget:g} s"
             )
             raise AgentUnavailable(
                 f"{vm.name}: run({cmd!r}): this guest does not run the exec agent: {why}. "
