@@ -10,6 +10,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 __all__ = [
+    "AgentError",
+    "AgentTimeout",
     "AgentUnavailable",
     "ConsoleTimeout",
     "ExitReason",
@@ -36,7 +38,9 @@ def __getattr__(name: str):  # lazy: importing the package must not import the V
         from vmm import exitstatus
 
         return getattr(exitstatus, name)
-    if name in ("ConsoleTimeout", "VmEnded", "WaitTimeout", "AgentUnavailable", "MicroVMError"):
+    if name in (
+        "ConsoleTimeout", "VmEnded", "WaitTimeout", "AgentError", "AgentTimeout", "AgentUnavailable", "MicroVMError",
+    ):
         from . import errors
 
         return getattr(errors, name)

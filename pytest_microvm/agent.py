@@ -21,6 +21,15 @@ Payloads: hello ``{"agent": NAME, "version": 1}``; exec ``{"argv": [...]}`` or
 (seconds); result ``{"returncode": N, "stdout": b64, "stderr": b64}``;
 error ``{"message": "..."}``.  One request at a time.
 
+Semantics every agent follows: a command killed by signal N has return code
+128 + N (as a shell reports it); an agent that bounds captured output adds
+``"stdout_truncated"`` / ``"stderr_truncated"`` (bytes not captured) to the
+result; past the request's timeout the agent kills the command (its whole
+process group where it has processes) and answers an error whose message
+starts with ``TimeoutExpired:``.  Readers ignore members they do not know.
+The agents in C (guests/agent/, guests/linux/agent.c, guests/tiny/programs/
+agent.c) follow this module exactly.
+
 ``AgentServer`` is the reference guest side (Python, for guests that have it,
 and the protocol's executable specification); a guest agent in C or shell
 only has to print the same lines.
@@ -30,8 +39,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -40,7 +52,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .errors import AgentError, AgentUnavailable
+from .errors import AgentError, AgentTimeout, AgentUnavailable
 
 if TYPE_CHECKING:  # pragma: no cover
     from .vm import MicroVM
@@ -54,6 +66,10 @@ MAX_FRAME = 16 << 20
 _FRAME_RE = re.compile(rb"@@microvm-agent:(\d+):([a-z]+):(\d+):([0-9a-f]{8}):([A-Za-z0-9+/=]*)@@")
 #: How long run() waits for the agent's hello when the caller gave no timeout.
 DEFAULT_HELLO_TIMEOUT = 10.0
+#: Seconds run() waits past its timeout for the agent's own timeout answer (which says what it killed).
+REPLY_GRACE = 1.0
+#: Return code of a command killed by signal N: 128 + N, as a shell reports it.
+SIGNAL_RETURNCODE_BASE = 128
 
 
 @dataclass
@@ -132,6 +148,10 @@ def _unb64(text: Any, what: str) -> bytes:
         raise AgentError(f"exec agent: {what} is not valid base64") from None
 
 
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
 class AgentClient:
     """The host side, over a MicroVM's console (``MicroVM.run``)."""
 
@@ -193,20 +213,27 @@ class AgentClient:
             request["stdin"] = _b64(input)
         request["timeout"] = max(deadline - time.monotonic(), 0.001)
         vm.console.send(encode_frame("exec", seq, request).decode("ascii"))
-        if not self._wait_for("answer", lambda: seq in self._answers, deadline):
+        # The agent times the command itself from when it read the request: give its answer a moment.
+        if not self._wait_for("answer", lambda: seq in self._answers, deadline + REPLY_GRACE):
             status = vm.exit_status
             if status is not None:
                 raise AgentError(f"{vm.name}: run({cmd!r}): the VM ended before the agent answered ({status.describe()})")
-            raise AgentError(f"{vm.name}: run({cmd!r}): no answer from the exec agent within {budget:g} s")
+            raise AgentTimeout(f"{vm.name}: run({cmd!r}): no answer from the exec agent within {budget:g} s")
         frame = self._answers.pop(seq)
         if frame.kind == "error":
-            raise AgentError(f"{vm.name}: run({cmd!r}): the exec agent refused: {frame.payload.get('message', '?')}")
+            message = str(frame.payload.get("message", "?"))
+            if message.startswith("TimeoutExpired"):
+                raise AgentTimeout(f"{vm.name}: run({cmd!r}): timed out after {budget:g} s: {message}")
+            raise AgentError(f"{vm.name}: run({cmd!r}): the exec agent refused: {message}")
         rc = frame.payload.get("returncode")
         if not isinstance(rc, int):
             raise AgentError(f"{vm.name}: run({cmd!r}): the agent's answer has no integer returncode")
         result = subprocess.CompletedProcess(
             cmd, rc, _unb64(frame.payload.get("stdout"), "stdout"), _unb64(frame.payload.get("stderr"), "stderr")
         )
+        # Bytes the agent could not keep (0: the output is complete).
+        result.stdout_truncated = _count(frame.payload.get("stdout_truncated"))  # type: ignore[attr-defined]
+        result.stderr_truncated = _count(frame.payload.get("stderr_truncated"))  # type: ignore[attr-defined]
         if check:
             result.check_returncode()
         return result
@@ -250,11 +277,18 @@ class AgentServer:
                 raise ValueError("a request needs argv or sh")
             stdin = base64.b64decode(req.get("stdin", ""), validate=True)
             timeout = req.get("timeout")
-            proc = subprocess.run(args, shell=shell, input=stdin, capture_output=True, check=False,
-                                  timeout=float(timeout) if timeout else None)
+            with subprocess.Popen(args, shell=shell, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, start_new_session=True) as proc:
+                try:
+                    out, err = proc.communicate(stdin, timeout=float(timeout) if timeout else None)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started
+                    proc.communicate()
+                    raise
         except Exception as exc:  # noqa: BLE001 - every failure is answered, never raised into the agent loop
             return encode_frame("error", frame.seq, {"message": f"{type(exc).__name__}: {exc}"})
-        return encode_frame(
-            "result", frame.seq,
-            {"returncode": proc.returncode, "stdout": _b64(proc.stdout), "stderr": _b64(proc.stderr)},
-        )
+        rc = proc.returncode
+        if rc < 0:
+            rc = SIGNAL_RETURNCODE_BASE - rc
+        return encode_frame("result", frame.seq, {"returncode": rc, "stdout": _b64(out), "stderr": _b64(err)})

@@ -49,3 +49,7 @@ class AgentUnavailable(MicroVMError):
 
 class AgentError(MicroVMError):
     """The exec agent answered with an error, or the VM ended mid-request."""
+
+
+class AgentTimeout(AgentError):
+    """``MicroVM.run()`` ran past its timeout (the agent killed the command, or did not answer)."""

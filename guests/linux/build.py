@@ -8,9 +8,12 @@ package version and the kernel's sha256 recorded in ``manifest.json``.
     python3 guests/linux/build.py --json
 
 The initramfs holds busybox, ``init.sh`` as /init, the ``microvm-exit`` helper
-(hands a command's exit status to the host through the debug-exit port) and
-the virtio modules with their dependency order, resolved from each module's
-``.modinfo`` section (the package ships no modules.dep).
+(hands a command's exit status to the host through the debug-exit port), the
+``microvm-agent`` exec agent (agent.c with the shared protocol core in
+guests/agent/; started by init when the command line says
+``microvm.agent=DEVICE``) and the virtio modules with their dependency order,
+resolved from each module's ``.modinfo`` section (the package ships no
+modules.dep).
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+#: The exec agent's protocol core, shared with the tiny guests' agent.
+AGENT_CORE_DIR = HERE.parent / "agent"
+AGENT_SOURCES = (HERE / "agent.c", AGENT_CORE_DIR / "agent_proto.c")
+AGENT_HEADERS = (AGENT_CORE_DIR / "agent_proto.h",)
 if str(HERE.parent.parent) not in sys.path:  # run as a script from a source tree
     sys.path.insert(0, str(HERE.parent.parent))
 
@@ -174,6 +181,22 @@ def _build_exit_helper(dest: Path) -> None:
         raise GuestRecipeError(f"building microvm-exit failed: {' '.join(cmd)}\n{exc.stderr}") from None
 
 
+def build_agent(dest: Path) -> Path:
+    """Compile ``microvm-agent`` (a static binary: gcc -static with Debian's libc6-dev) to ``dest``."""
+    cc = os.environ.get("CC", "gcc")
+    cmd = [
+        cc, "-static", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-I", str(AGENT_CORE_DIR),
+        "-o", str(dest), *map(str, AGENT_SOURCES),
+    ]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise GuestRecipeError(f"{cc} is not installed: building microvm-agent needs gcc and libc6-dev") from None
+    except subprocess.CalledProcessError as exc:
+        raise GuestRecipeError(f"building microvm-agent failed: {' '.join(cmd)}\n{exc.stderr}") from None
+    return dest
+
+
 def build(kernel_package: str | None = None) -> LinuxGuest:
     pkg = kernel_package or os.environ.get("MICROVM_DEBIAN_KERNEL") or resolve_package(KERNEL_META_PACKAGE)
     kver_pkg = package_version(pkg)
@@ -187,7 +210,8 @@ def build(kernel_package: str | None = None) -> LinuxGuest:
     bbroot = fetch_package(BUSYBOX_PACKAGE, bb_version)
     busybox = bbroot / "bin" / "busybox"
 
-    sources = (HERE / "init.sh").read_bytes() + (HERE / "exit.c").read_bytes()
+    recipe = (HERE / "build.py", HERE / "init.sh", HERE / "exit.c", *AGENT_SOURCES, *AGENT_HEADERS)
+    sources = b"".join(p.read_bytes() for p in recipe)
     import hashlib
 
     key = hashlib.sha256(sources + f"{pkg}={kver_pkg} busybox={bb_version}".encode()).hexdigest()[:16]
@@ -201,10 +225,14 @@ def build(kernel_package: str | None = None) -> LinuxGuest:
             entries.append((d, 0o040755, b""))
         entries.append(("init", 0o100755, (HERE / "init.sh").read_bytes()))
         entries.append(("bin/busybox", 0o100755, busybox.read_bytes()))
+        # /init is a shell script: its interpreter must exist before busybox --install runs.
+        entries.append(("bin/sh", 0o120777, b"busybox"))
         with tempfile.TemporaryDirectory() as td:
             helper = Path(td) / "microvm-exit"
             _build_exit_helper(helper)
             entries.append(("bin/microvm-exit", 0o100755, helper.read_bytes()))
+            agent = build_agent(Path(td) / "microvm-agent")
+            entries.append(("bin/microvm-agent", 0o100755, agent.read_bytes()))
         shipped: set[str] = set()
         for mod in VIRTIO_MODULES:
             order = dependency_order(mod, index)

@@ -53,7 +53,14 @@ GUESTS = (
     "portloop",
     "mmioloop",
     "smp",
+    "agent",
 )
+#: Sources outside ``programs/`` that a guest links in, relative to the kit's
+#: parent (``guests/``): the exec agent shares its protocol core with the
+#: Linux guest's agent.
+PROGRAM_EXTRA_SOURCES = {"agent": ("agent/agent_proto.c",)}
+#: Directories (relative to ``guests/``) whose headers every kit source may include.
+SHARED_INCLUDE_DIRS = ("agent",)
 #: Image formats and their file names.
 FORMATS = {
     "pvh": "{name}.pvh.elf",
@@ -132,10 +139,20 @@ def cache_root() -> Path:
     return Path(xdg) / "pytest-microvm" / "tiny"
 
 
+def _rel(path: Path, kit: Path) -> str:
+    """``path`` relative to the kit, or to ``guests/`` for the sources the kit shares."""
+    try:
+        return path.relative_to(kit).as_posix()
+    except ValueError:
+        return "../" + path.relative_to(kit.parent).as_posix()
+
+
 def _source_files(kit: Path) -> list[Path]:
     files = [kit / "build.py"]
     for sub in ("include", "arch", "lib", "programs"):
         files += sorted(p for p in (kit / sub).rglob("*") if p.is_file() and p.suffix in (".c", ".h", ".S", ".ld"))
+    for shared in SHARED_INCLUDE_DIRS:
+        files += sorted(p for p in (kit.parent / shared).glob("*") if p.is_file() and p.suffix in (".c", ".h"))
     return files
 
 
@@ -156,7 +173,7 @@ def source_hash(kit: Path = KIT_DIR) -> str:
     h = hashlib.sha256()
     h.update(f"recipe {RECIPE_VERSION}\n{_tool_versions()}\n".encode())
     for path in _source_files(kit):
-        rel = path.relative_to(kit).as_posix()
+        rel = _rel(path, kit)
         data = path.read_bytes()
         h.update(f"{rel}\0{len(data)}\0".encode())
         h.update(data)
@@ -186,6 +203,8 @@ class _Builder:
         self.work = work
         self.jobs = jobs
         self.include = ["-I", str(kit / "include")]
+        for shared in SHARED_INCLUDE_DIRS:
+            self.include += ["-I", str(kit.parent / shared)]
 
     def _parallel(self, jobs: list[tuple[list[str], str]]) -> None:
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
@@ -202,7 +221,7 @@ class _Builder:
             jobs.append(
                 (
                     ["gcc", *flags, *self.include, "-c", str(src), "-o", str(obj)],
-                    f"compiling {src.relative_to(self.kit)}",
+                    f"compiling {_rel(src, self.kit)}",
                 )
             )
             objs[src] = obj
@@ -217,7 +236,8 @@ class _Builder:
             if not src.is_file():
                 raise GuestBuildError(f"guest program {src} is missing")
         asm = {n: arch / f"{n}.S" for n in ("head", "trampoline", "pvh", "multiboot", "setup")}
-        objs = self.compile([*asm.values(), *lib_srcs, *prog_srcs])
+        extra_srcs = {n: [self.kit.parent / rel for rel in PROGRAM_EXTRA_SOURCES.get(n, ())] for n in names}
+        objs = self.compile([*asm.values(), *lib_srcs, *prog_srcs, *sorted({s for v in extra_srcs.values() for s in v})])
         common = [str(objs[asm["head"]]), str(objs[asm["trampoline"]])] + [str(objs[s]) for s in lib_srcs]
         script = ["-T", str(arch / "tiny.ld")]
 
@@ -232,17 +252,17 @@ class _Builder:
 
         links = []
         for name, src in zip(names, prog_srcs):
-            prog = str(objs[src])
+            prog = [str(objs[src]), *(str(objs[e]) for e in extra_srcs[name])]
             w = self.work
             links.append(
                 (
-                    ["ld", *LDFLAGS, *script, *common, prog, "-o", str(w / f"{name}.payload.elf")],
+                    ["ld", *LDFLAGS, *script, *common, *prog, "-o", str(w / f"{name}.payload.elf")],
                     f"linking {name} (bzImage payload)",
                 )
             )
             links.append(
                 (
-                    ["ld", *LDFLAGS, *script, *common, str(objs[asm["pvh"]]), prog, "-o", str(w / f"{name}.pvh.elf")],
+                    ["ld", *LDFLAGS, *script, *common, str(objs[asm["pvh"]]), *prog, "-o", str(w / f"{name}.pvh.elf")],
                     f"linking {name} (PVH)",
                 )
             )
@@ -256,7 +276,7 @@ class _Builder:
                         "multiboot_start",
                         *common,
                         str(objs[asm["multiboot"]]),
-                        prog,
+                        *prog,
                         "-o",
                         str(w / f"{name}.mb64.elf"),
                     ],
