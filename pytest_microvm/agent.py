@@ -276,11 +276,11 @@ class AgentServer:
             else:
                 raise ValueError("a request needs argv or sh")
             stdin = base64.b64decode(req.get("stdin", ""), validate=True)
-            timeout = req.get("timeout")
+            timeout = float(req["timeout"]) if req.get("timeout") else None
             with subprocess.Popen(args, shell=shell, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, start_new_session=True) as proc:
                 try:
-                    out, err = proc.communicate(stdin, timeout=float(timeout) if timeout else None)
+                    out, err = proc.communicate(stdin, timeout=timeout)
                 except subprocess.TimeoutExpired:
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started

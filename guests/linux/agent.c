@@ -24,6 +24,10 @@
  * keeps the pipes open does not hold the answer back).  The agent is a child
  * subreaper, so orphaned grandchildren are reaped here.
  *
+ * With "-" the agent ends at EOF on standard input.  A device that reads as
+ * EOF (a virtio port while no host side is connected) is read again every
+ * HOST_RETRY_MS until the host connects.
+ *
  * Lines that carry no frame are ignored; damaged frames, frames of other
  * kinds and oversized lines are ignored and counted, with one line on stderr
  * each.  Everything is bounded: lines by LINE_CAP (the host's own frame
@@ -57,6 +61,10 @@
 #define MAX_ARGS 8192
 #define DRAIN_IDLE_MS 100
 #define WRITE_BUF 65536
+/* How often a device that reads as EOF (a virtio port with no host side) is tried again. */
+#define HOST_RETRY_MS 100
+/* How long a device that is not ready yet (ENXIO, ENODEV) is tried again. */
+#define OPEN_RETRY_MS 10000
 
 static char line_buf[LINE_CAP];
 static char arena[ARENA_CAP];
@@ -126,7 +134,17 @@ static int open_device(const char *path)
 		out_fd = 1;
 		return 0;
 	}
-	int fd = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+	int fd;
+	for (int tries = 0;; tries++) {
+		fd = open(path, O_RDWR | O_NOCTTY | O_CLOEXEC);
+		/* A virtio port's node can exist before its driver lets it open (ENXIO). */
+		if (fd >= 0 || (errno != ENXIO && errno != ENODEV) || tries * HOST_RETRY_MS >= OPEN_RETRY_MS)
+			break;
+		if (tries == 0)
+			logmsg("%s: %s; trying again for up to %d s", path, strerror(errno), OPEN_RETRY_MS / 1000);
+		struct timespec pause = {0, HOST_RETRY_MS * 1000000L};
+		nanosleep(&pause, NULL);
+	}
 	if (fd < 0) {
 		logmsg("cannot open %s: %s", path, strerror(errno));
 		return -1;
@@ -485,6 +503,7 @@ int main(int argc, char **argv)
 	out_flush();
 
 	uint64_t oversized_seen = 0;
+	bool stdio = !strcmp(argv[1], "-"), waiting_for_host = false;
 	static char chunk[65536];
 	for (;;) {
 		struct pollfd pfd[2] = {{in_fd, POLLIN, 0}, {sig_fd, POLLIN, 0}};
@@ -501,11 +520,24 @@ int main(int argc, char **argv)
 		ssize_t got = read(in_fd, chunk, sizeof(chunk));
 		if (got < 0 && (errno == EINTR || errno == EAGAIN))
 			continue;
+		if (got == 0 && !stdio) {
+			/*
+			 * A virtio port reads as EOF (and polls as POLLHUP) while no
+			 * host side is connected; the host may connect later.
+			 */
+			if (!waiting_for_host)
+				logmsg("%s: no host side connected; waiting for one", argv[1]);
+			waiting_for_host = true;
+			struct timespec pause = {0, HOST_RETRY_MS * 1000000L};
+			nanosleep(&pause, NULL);
+			continue;
+		}
 		if (got <= 0) {
 			if (got < 0)
 				logmsg("reading %s: %s", argv[1], strerror(errno));
 			return got < 0 ? 1 : 0;
 		}
+		waiting_for_host = false;
 		size_t off = 0;
 		while (off < (size_t)got) {
 			bool ready;

@@ -2,10 +2,12 @@
 # Reference initramfs init for pytest-microvm's Linux guest.
 #   microvm.modules=a,b   load these modules (and their dependencies) from /lib/modules
 #   microvm.agent=DEV     serve the exec agent (MicroVM.run(); pytest_microvm/agent.py) on
-#                         DEV: ttyS0, hvc0 or any /dev path.  hvc* loads virtio_mmio and
-#                         virtio_console first.  A dedicated port (hvc0) is best; on the
-#                         console port add `quiet`, as kernel messages may garble a frame
-#                         (the host then ignores it).
+#                         DEV: ttyS0, hvc0, vport0p1 or any /dev path.  hvc* and vport*
+#                         load virtio_mmio and virtio_console first.  A dedicated port is
+#                         best; on the console port add `quiet`, as kernel messages may
+#                         garble a frame (the host then ignores it).  QEMU's virtconsole
+#                         (hvc) drops output its host side cannot take at once; a
+#                         virtserialport (vport) is flow-controlled.
 #   microvm.cmd=...       run this shell command (use \x20 for spaces), then end the VM
 #                         with its exit status through the debug-exit port
 #   (agent and cmd)       the agent serves in the background while the command runs
@@ -26,7 +28,7 @@ for word in $(cat /proc/cmdline); do
 done
 if [ -n "${agent:-}" ]; then
     case "$agent" in /*) ;; *) agent="/dev/$agent" ;; esac
-    case "$agent" in /dev/hvc*) mods="${mods:+$mods,}virtio_mmio,virtio_console" ;; esac
+    case "$agent" in /dev/hvc*|/dev/vport*) mods="${mods:+$mods,}virtio_mmio,virtio_console" ;; esac
 fi
 for m in $(echo "${mods:-}" | tr ',' ' '); do
     for dep in $(cat "/lib/modules/$m.order" 2>/dev/null) "$m"; do

@@ -396,10 +396,46 @@ def test_eof_on_the_device_ends_the_agent(sock_agent):
     assert sock_agent.proc.wait(WAIT_S) == 0
 
 
+def test_a_device_at_eof_is_waited_on(agent_binary, tmp_path):
+    """A virtio port reads as EOF until its host side connects: the agent waits (here on /dev/null)."""
+    err = tmp_path / "stderr"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([str(agent_binary), "/dev/null"], stderr=fh)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while b"waiting for one" not in err.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert err.read_text() == "microvm-agent: /dev/null: no host side connected; waiting for one\n"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_device_not_ready_yet_is_opened_again(agent_binary, tmp_path):
+    """ENXIO (a virtio port whose node exists before its driver is ready; here a socket file) is retried."""
+    path = tmp_path / "not-ready"
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(path))
+    err = tmp_path / "stderr"
+    with open(err, "wb") as fh:
+        proc = subprocess.Popen([str(agent_binary), str(path)], stderr=fh)
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while b"trying again" not in err.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert err.read_text() == f"microvm-agent: {path}: No such device or address; trying again for up to 10 s\n"
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+        sock.close()
+
+
 def test_usage_and_device_errors(agent_binary, tmp_path):
-    p = subprocess.run([str(agent_binary)], capture_output=True, text=True)
+    p = subprocess.run([str(agent_binary)], capture_output=True, text=True, check=False)
     assert p.returncode == 2 and "usage: microvm-agent DEVICE" in p.stderr
-    p = subprocess.run([str(agent_binary), str(tmp_path / "no-such-tty")], capture_output=True, text=True)
+    p = subprocess.run([str(agent_binary), str(tmp_path / "no-such-tty")], capture_output=True, text=True, check=False)
     assert p.returncode == 1
     assert p.stderr.strip() == f"microvm-agent: cannot open {tmp_path / 'no-such-tty'}: No such file or directory"
 
@@ -493,7 +529,7 @@ def test_c_and_python_agents_answer_alike(pty_agent):
 
 # ---- the C core against the Python implementation (Hypothesis) -------------------------------------------
 def _protocheck(exe: Path, mode: str, data: bytes) -> list[bytes]:
-    p = subprocess.run([str(exe), mode], input=data, capture_output=True, timeout=WAIT_S)
+    p = subprocess.run([str(exe), mode], input=data, capture_output=True, timeout=WAIT_S, check=False)
     assert p.returncode == 0, p.stderr.decode(errors="replace")
     return p.stdout.splitlines(keepends=True)
 
