@@ -140,19 +140,25 @@ def main() -> None:
                 for name in order:
                     for phase, (secs, ops, _nbytes) in run_once(vmms[name](kernel, image, append)).items():
                         samples.setdefault((name, depth, phase), []).append(ops / secs)
-    print(f"# virtio-blk from ring 3 (blkbench, 4 KiB requests, {args.ops} per phase, image {args.size_mib} MiB), "
-          f"median of {args.rounds} alternating rounds")
+    print(
+        f"# virtio-blk from ring 3 (blkbench, 4 KiB requests, {args.ops} per phase, image {args.size_mib} MiB), "
+        f"median of {args.rounds} alternating rounds"
+    )
     print(f"# host: {host_line()}")
     for name, cmd in shown.items():
         print(f"# {name}: {shlex.join(cmd)}")
-    print(f"{'phase':<10} {'depth':>5} {'ours MB/s':>10} {'ours IOPS':>10} {'qemu MB/s':>10} {'qemu IOPS':>10} "
-          f"{'ours/qemu':>9}")
+    print(
+        f"{'phase':<10} {'depth':>5} {'ours MB/s':>10} {'ours IOPS':>10} {'qemu MB/s':>10} {'qemu IOPS':>10} "
+        f"{'ours/qemu':>9}"
+    )
     for depth in depths:
         for phase in phases:
             ours = median(samples[("ours", depth, phase)])
             qemu = median(samples[("qemu", depth, phase)])
-            print(f"{phase:<10} {depth:>5} {ours * BLOCK / 1e6:10.1f} {ours:10.0f} {qemu * BLOCK / 1e6:10.1f} "
-                  f"{qemu:10.0f} {ours / qemu:9.2f}")
+            print(
+                f"{phase:<10} {depth:>5} {ours * BLOCK / 1e6:10.1f} {ours:10.0f} {qemu * BLOCK / 1e6:10.1f} "
+                f"{qemu:10.0f} {ours / qemu:9.2f}"
+            )
 
 
 if __name__ == "__main__":
