@@ -10,7 +10,11 @@ Everything read from the guest is treated as hostile:
 
 * every address and length goes through ``GuestMemory`` (which checks the
   whole range, including overflow past 2**64), and is masked to its wire
-  width (u16 ring indices, u32 lengths, u64 addresses) where it is read;
+  width (u16 ring indices, u32 lengths, u64 addresses) where it is read
+  (the struct formats read exactly those widths); the three ring areas are
+  checked as a whole when the queue is enabled and then accessed through
+  the views ``GuestMemory`` returned for them, at offsets bounded by the
+  queue size; an indirect table likewise through a view of the whole table;
 * a chain is at most the queue size descriptors long (§2.7.5 "A driver MUST
   NOT create a descriptor chain longer than the Queue Size"), which also ends
   every loop; an indirect table is walked at most its own length;
@@ -42,8 +46,9 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from ...errors import GuestError, GuestMemoryError
+from ...errors import GuestError
 from ...memory import GuestMemory
 
 # ---- §2.7.5 The Virtqueue Descriptor Table ---------------------------------
@@ -79,6 +84,7 @@ U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
+_U16 = struct.Struct("<H")
 
 
 def desc_table_size(size: int) -> int:
@@ -108,9 +114,12 @@ class VirtqueueError(GuestError):
         super().__init__(f"{queue}: {problem}{where}")
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One guest buffer of a chain, already checked to lie inside guest RAM."""
+class Buffer(NamedTuple):
+    """One guest buffer of a chain, already checked to lie inside guest RAM.
+
+    A named tuple rather than a dataclass: one is built per descriptor on the
+    request path, and a tuple is several times cheaper to create.
+    """
 
     addr: int
     length: int
@@ -126,6 +135,10 @@ class QueueStats:
     #: Completions that arrived after a reset or disable and were dropped.
     stale_completions: int = 0
     errors: int = 0
+
+
+#: Builds a Buffer without the generated ``__new__`` (one per descriptor on the request path).
+_new_buffer = tuple.__new__
 
 
 class DescriptorChain:
@@ -145,13 +158,15 @@ class DescriptorChain:
         readable: tuple[Buffer, ...],
         writable: tuple[Buffer, ...],
         generation: int,
+        readable_len: int | None = None,
+        writable_len: int | None = None,
     ) -> None:
         self.queue = queue
         self.head = head
         self.readable = readable
         self.writable = writable
-        self.readable_len = sum(b.length for b in readable)
-        self.writable_len = sum(b.length for b in writable)
+        self.readable_len = sum(b.length for b in readable) if readable_len is None else readable_len
+        self.writable_len = sum(b.length for b in writable) if writable_len is None else writable_len
         self.generation = generation
 
     def __repr__(self) -> str:
@@ -184,6 +199,9 @@ class DescriptorChain:
         """Copy ``length`` device-readable bytes from ``offset``; the caller bounds ``length``."""
         self._check(self.readable_len, offset, length, "read")
         mem = self.queue.memory
+        first = self.readable[0] if self.readable else None
+        if first is not None and offset + length <= first.length:  # the common case: one buffer
+            return mem.read(first.addr + offset, length)
         return b"".join(mem.read(gpa, n) for gpa, n in self._slices(self.readable, offset, length))
 
     def readable_views(self, offset: int, length: int) -> Iterator[memoryview]:
@@ -204,6 +222,11 @@ class DescriptorChain:
         """Scatter ``data`` into the device-writable buffers from ``offset``."""
         self._check(self.writable_len, offset, len(data), "write")
         mem = self.queue.memory
+        last = self.writable[-1] if self.writable else None
+        tail = self.writable_len - last.length if last is not None else 0
+        if last is not None and offset >= tail:  # the common case: a status byte at the end
+            mem.write(last.addr + offset - tail, data)
+            return
         src = memoryview(data)
         pos = 0
         for gpa, n in self._slices(self.writable, offset, len(data)):
@@ -235,6 +258,11 @@ class Virtqueue:
         self.stats = QueueStats()
         #: Bumped on every reset/disable/enable: chains from an older generation are stale.
         self.generation = 0
+        #: While ready: GuestMemory views of the three areas, each checked as a whole when the
+        #: queue was enabled (guest RAM never moves), so ring accesses need no lookup.
+        self._desc_view: memoryview | None = None
+        self._avail_view: memoryview | None = None
+        self._used_view: memoryview | None = None
         self.reset()
 
     # ---- configuration (written through the transport) ---------------------
@@ -247,6 +275,10 @@ class Virtqueue:
         self._disable()
 
     def _disable(self) -> None:
+        for v in (self._desc_view, self._avail_view, self._used_view):
+            if v is not None:
+                v.release()
+        self._desc_view = self._avail_view = self._used_view = None
         self.ready = False
         self.broken = False
         self.indirect = False
@@ -259,6 +291,10 @@ class Virtqueue:
 
     def disable(self) -> None:
         """QueueReady := 0.  In-flight chains become stale; the configuration stays."""
+        self._disable()
+
+    def close(self) -> None:
+        """The machine is going away: disable and drop the views of guest memory."""
         self._disable()
 
     def validate(self) -> None:
@@ -287,6 +323,10 @@ class Virtqueue:
         self.indirect = indirect
         self.event_idx = event_idx
         self._in_flight = bytearray(self.size)
+        mem, size = self.memory, self.size
+        self._desc_view = mem.view(self.desc_addr, desc_table_size(size))
+        self._avail_view = mem.view(self.avail_addr, avail_ring_size(size))
+        self._used_view = mem.view(self.used_addr, used_ring_size(size))
         self.ready = True
 
     def state(self) -> dict[str, int]:
@@ -306,7 +346,7 @@ class Virtqueue:
         return VirtqueueError(self.name, kind, problem, gpa)
 
     def _avail_idx(self) -> int:
-        return self.memory.read_u16(self.avail_addr + 2) & U16_MASK
+        return _U16.unpack_from(self._avail_view, 2)[0]
 
     def pending(self) -> int:
         """Chains the driver has made available and the device has not popped."""
@@ -327,9 +367,14 @@ class Virtqueue:
         """Take the next available chain, or None if there is none (or the queue is not usable)."""
         if not self.pending():
             return None
+        return self._pop_next()
+
+    def _pop_next(self) -> DescriptorChain:
+        """Pop the chain at ``next_avail``; the caller made sure one is available."""
         size = self.size
-        slot_gpa = self.avail_addr + 4 + 2 * (self.next_avail % size)
-        head = self.memory.read_u16(slot_gpa) & U16_MASK
+        slot = 4 + 2 * (self.next_avail % size)
+        head = _U16.unpack_from(self._avail_view, slot)[0]
+        slot_gpa = self.avail_addr + slot
         if head >= size:
             raise self._fail("head-out-of-range", f"available ring entry {head} >= queue size {size}", slot_gpa)
         if self._in_flight[head]:
@@ -339,18 +384,24 @@ class Virtqueue:
         self.next_avail = (self.next_avail + 1) & U16_MASK
         if self.event_idx:
             # §2.7.10: tell the driver which entry to notify us about next.
-            self.memory.write_u16(self.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * size, self.next_avail)
+            _U16.pack_into(self._used_view, 4 + VIRTQ_USED_ELEM_SIZE * size, self.next_avail)
         self.stats.chains += 1
         return chain
 
     def drain(self, budget: int | None = None) -> Iterator[DescriptorChain]:
         """Pop chains until none is left or ``budget`` (default: the queue size) is spent."""
         limit = self.size if budget is None else budget
-        for _ in range(limit):
-            chain = self.pop()
-            if chain is None:
+        done = 0
+        while done < limit:
+            # One read of avail.idx per batch rather than per chain.
+            n = min(self.pending(), limit - done)
+            if not n:
                 return
-            yield chain
+            for _ in range(n):
+                if not self.ready or self.broken:  # the consumer reset or broke the queue meanwhile
+                    return
+                yield self._pop_next()
+                done += 1
 
     def _read_chain(self, head: int) -> DescriptorChain:
         mem = self.memory
@@ -358,78 +409,113 @@ class Virtqueue:
         readable: list[Buffer] = []
         writable: list[Buffer] = []
         total = 0
+        writable_len = 0
+        contains = mem.contains
+        unpack_from = _DESC.unpack_from
+        new_buffer = _new_buffer
         walked = 0  # buffer descriptors in this chain, direct and indirect (<= size)
         table, table_len, in_table = self.desc_addr, size, 0
-        indirect = False
+        view = self._desc_view  # the table being walked, checked as a whole
+        assert view is not None
+        indirect_view: memoryview | None = None
         index = head
-        while True:
-            if walked >= size:
-                raise self._fail(
-                    "chain-too-long",
-                    f"chain from head {head} is longer than the queue size {size} (a loop?)",
-                    table + VIRTQ_DESC_SIZE * index,
-                )
-            if indirect and in_table >= table_len:
-                raise self._fail(
-                    "indirect-too-long",
-                    f"chain in the indirect table is longer than its {table_len} entries (a loop?)",
-                    table + VIRTQ_DESC_SIZE * index,
-                )
-            gpa = table + VIRTQ_DESC_SIZE * index
-            try:
-                addr, length, flags, nxt = _DESC.unpack(mem.read(gpa, VIRTQ_DESC_SIZE))
-            except GuestMemoryError as e:  # only possible if RAM changed under us
-                raise self._fail("desc-outside-ram", f"descriptor {index} is outside guest RAM", gpa) from e
-            in_table += 1
-            if flags & VIRTQ_DESC_F_INDIRECT:
-                if indirect:
-                    raise self._fail("indirect-nested", "INDIRECT descriptor inside an indirect table", gpa)
-                if not self.indirect:
-                    raise self._fail("indirect-not-negotiated", "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", gpa)
-                if flags & VIRTQ_DESC_F_NEXT:
-                    raise self._fail("indirect-next", "descriptor has both INDIRECT and NEXT", gpa)
-                if length == 0 or length % VIRTQ_DESC_SIZE:
+        try:
+            while True:
+                if walked >= size:
                     raise self._fail(
-                        "indirect-bad-length", f"indirect table length {length} is not a non-zero multiple of 16", gpa
+                        "chain-too-long",
+                        f"chain from head {head} is longer than the queue size {size} (a loop?)",
+                        table + VIRTQ_DESC_SIZE * index,
                     )
-                # §2.7.5.3 sets no alignment for indirect tables: any address in RAM will do.
-                if not mem.contains(addr, length):
-                    raise self._fail("indirect-outside-ram", f"indirect table of {length:#x} bytes is outside guest RAM", addr)
-                indirect = True
-                table, table_len, in_table, index = addr, length // VIRTQ_DESC_SIZE, 0, 0
-                continue
-            walked += 1
-            if length:
-                if not mem.contains(addr, length):
+                if indirect_view is not None:
+                    if in_table >= table_len:
+                        raise self._fail(
+                            "indirect-too-long",
+                            f"chain in the indirect table is longer than its {table_len} entries (a loop?)",
+                            table + VIRTQ_DESC_SIZE * index,
+                        )
+                    in_table += 1
+                # index < table_len: the head and every next were checked against it.
+                addr, length, flags, nxt = unpack_from(view, VIRTQ_DESC_SIZE * index)
+                if flags & VIRTQ_DESC_F_INDIRECT:
+                    gpa = table + VIRTQ_DESC_SIZE * index
+                    if indirect_view is not None:
+                        raise self._fail("indirect-nested", "INDIRECT descriptor inside an indirect table", gpa)
+                    if not self.indirect:
+                        raise self._fail(
+                            "indirect-not-negotiated", "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", gpa
+                        )
+                    if flags & VIRTQ_DESC_F_NEXT:
+                        raise self._fail("indirect-next", "descriptor has both INDIRECT and NEXT", gpa)
+                    if length == 0 or length % VIRTQ_DESC_SIZE:
+                        raise self._fail(
+                            "indirect-bad-length",
+                            f"indirect table length {length} is not a non-zero multiple of 16",
+                            gpa,
+                        )
+                    # §2.7.5.3 sets no alignment for indirect tables: any address in RAM will do.
+                    if not contains(addr, length):
+                        raise self._fail(
+                            "indirect-outside-ram", f"indirect table of {length:#x} bytes is outside guest RAM", addr
+                        )
+                    view = indirect_view = mem.view(addr, length)
+                    table, table_len, in_table, index = addr, length // VIRTQ_DESC_SIZE, 0, 0
+                    continue
+                walked += 1
+                if length:
+                    if not contains(addr, length):
+                        raise self._fail(
+                            "buffer-outside-ram",
+                            f"descriptor {index}: buffer {addr:#x}+{length:#x} is outside guest RAM",
+                            table + VIRTQ_DESC_SIZE * index,
+                        )
+                    total += length
+                    if total > VIRTQ_MAX_CHAIN_BYTES:
+                        raise self._fail(
+                            "chain-too-big",
+                            f"chain from head {head} is longer than 2**32-1 bytes",
+                            table + VIRTQ_DESC_SIZE * index,
+                        )
+                    if flags & VIRTQ_DESC_F_WRITE:
+                        writable.append(new_buffer(Buffer, (addr, length)))
+                        writable_len += length
+                    elif writable:
+                        raise self._fail(
+                            "readable-after-writable",
+                            f"descriptor {index}: device-readable buffer after a writable one",
+                            table + VIRTQ_DESC_SIZE * index,
+                        )
+                    else:
+                        readable.append(new_buffer(Buffer, (addr, length)))
+                if not flags & VIRTQ_DESC_F_NEXT:
+                    break
+                if nxt >= table_len:
                     raise self._fail(
-                        "buffer-outside-ram", f"descriptor {index}: buffer {addr:#x}+{length:#x} is outside guest RAM", gpa
+                        "next-out-of-range",
+                        f"descriptor {index}: next {nxt} >= table size {table_len}",
+                        table + VIRTQ_DESC_SIZE * index,
                     )
-                total += length
-                if total > VIRTQ_MAX_CHAIN_BYTES:
-                    raise self._fail("chain-too-big", f"chain from head {head} is longer than 2**32-1 bytes", gpa)
-                if flags & VIRTQ_DESC_F_WRITE:
-                    writable.append(Buffer(addr, length))
-                elif writable:
-                    raise self._fail(
-                        "readable-after-writable", f"descriptor {index}: device-readable buffer after a writable one", gpa
-                    )
-                else:
-                    readable.append(Buffer(addr, length))
-            if not flags & VIRTQ_DESC_F_NEXT:
-                break
-            if nxt >= table_len:
-                raise self._fail("next-out-of-range", f"descriptor {index}: next {nxt} >= table size {table_len}", gpa)
-            index = nxt
+                index = nxt
+        finally:
+            if indirect_view is not None:
+                indirect_view.release()
         self.stats.descriptors += walked
-        return DescriptorChain(self, head, tuple(readable), tuple(writable), self.generation)
+        return DescriptorChain(
+            self, head, tuple(readable), tuple(writable), self.generation, total - writable_len, writable_len
+        )
 
     # ---- the used side -----------------------------------------------------
-    def add_used(self, chain: DescriptorChain, written: int) -> bool:
+    def add_used(self, chain: DescriptorChain, written: int, *, publish: bool = True) -> bool:
         """Return ``chain`` to the driver with ``written`` bytes in its writable part.
 
         §2.7.8.2: ``len`` and the data are in place before ``used.idx`` moves.
         Returns False (and counts it) if the queue was reset, disabled or
         re-enabled since the chain was popped: that completion is dropped.
+
+        With ``publish=False`` the entry is written but ``used.idx`` is not:
+        a device completing a batch calls ``publish_used()`` once after the
+        last entry, before it returns from the notification (one index write
+        per batch instead of one per chain).
         """
         if chain.queue is not self or chain.generation != self.generation or not self.ready:
             self.stats.stale_completions += 1
@@ -439,12 +525,18 @@ class Virtqueue:
         if not self._in_flight[chain.head]:
             raise ValueError(f"{self.name}: head {chain.head} completed twice")
         self._in_flight[chain.head] = 0
-        slot = self.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size)
-        self.memory.write(slot, _USED_ELEM.pack(chain.head, written & U32_MASK))
+        used = self._used_view
+        _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), chain.head, written)
         self.next_used = (self.next_used + 1) & U16_MASK
-        self.memory.write_u16(self.used_addr + 2, self.next_used)
+        if publish:
+            _U16.pack_into(used, 2, self.next_used)
         self.stats.completions += 1
         return True
+
+    def publish_used(self) -> None:
+        """Write ``used.idx`` for the entries added with ``publish=False`` (after them, §2.7.8.2)."""
+        if self.ready:
+            _U16.pack_into(self._used_view, 2, self.next_used)
 
     def in_flight(self) -> int:
         """Chains popped and not yet completed."""
@@ -467,10 +559,10 @@ class Virtqueue:
         if old == new:
             return False
         if self.event_idx:
-            used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size) & U16_MASK
+            used_event = _U16.unpack_from(self._avail_view, 4 + 2 * self.size)[0]
             need = ((new - used_event - 1) & U16_MASK) < ((new - old) & U16_MASK)
         else:
-            need = not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
+            need = not _U16.unpack_from(self._avail_view, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if need:
             self.stats.notifications += 1
         else:
