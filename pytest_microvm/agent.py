@@ -252,7 +252,7 @@ class AgentServer:
             timeout = req.get("timeout")
             proc = subprocess.run(args, shell=shell, input=stdin, capture_output=True, check=False,
                                   timeout=float(timeout) if timeout else None)
-        except Exception as exc:  # noqa: BLE001 - every failure is answered, never raised into the agent loop
+        except Exception as exc:
             return encode_frame("error", frame.seq, {"message": f"{type(exc).__name__}: {exc}"})
         return encode_frame(
             "result", frame.seq,

@@ -144,7 +144,7 @@ class MicroVM:
             if self._console is not None:
                 self._console.mark_eof()
 
-    def __enter__(self) -> MicroVM:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> MicroVM:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -272,6 +272,6 @@ class MicroVMFactory:
         for vm in self.vms:
             try:
                 vm.close()
-            except BaseException as exc:  # noqa: BLE001 - every VM must be reaped
+            except BaseException as exc:
                 errors.append(exc)
         return errors

@@ -244,8 +244,8 @@ class Machine:
         return infos
 
     def _create_vcpus(self) -> None:
-        from .vcpu import Vcpu, boot_msrs
         from .cpustate import write_boot_gdt
+        from .vcpu import Vcpu, boot_msrs
 
         cfg = self.config
         supported = self.kvm.supported_cpuid()
@@ -266,7 +266,9 @@ class Machine:
                 fd.set_msrs(msrs)
             vcpu.set_fpu_defaults()
             vcpu.setup_lapic()
-            if index == 0:
+            if self.boot.restore_vcpu is not None:
+                self.boot.restore_vcpu(vcpu)
+            elif index == 0:
                 vcpu.apply(self.boot.entry)
             elif self.boot.ap_entry is not None:
                 vcpu.apply(self.boot.ap_entry(index))
@@ -319,11 +321,11 @@ class Machine:
         return self.console.write
 
     @property
-    def control(self) -> "Machine":
+    def control(self) -> Machine:
         return self
 
     # ---- lifecycle --------------------------------------------------------------------
-    def start(self) -> "Machine":
+    def start(self) -> Machine:
         if self.t_started is not None:
             raise VmmError("this machine was already started; build a new one")
         self.t_started = time.monotonic()
@@ -393,6 +395,19 @@ class Machine:
         if vcpu._run is not None:
             vcpu._run.immediate_exit = 0
 
+    def snapshot(self, path: str | Path) -> Path:
+        """Save this running VM into directory ``path`` (see vmm.snapshot); it keeps running."""
+        from .snapshot import save
+
+        return save(self, path)
+
+    @classmethod
+    def restore(cls, path: str | Path, **overrides: Any) -> Machine:
+        """A new, not yet started Machine continuing the snapshot in ``path``."""
+        from .snapshot import restore
+
+        return restore(path, **overrides)
+
     def send_input(self, data: bytes) -> int:
         """Type ``data`` on the guest's serial console; returns how many bytes were queued."""
         return self.devices["serial0"].queue_input(data)
@@ -423,7 +438,7 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -475,4 +490,4 @@ class Machine:
         }
 
 
-__all__ = ["Machine", "MachineConfig", "ImageError", "ConfigError"]
+__all__ = ["ConfigError", "ImageError", "Machine", "MachineConfig"]

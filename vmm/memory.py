@@ -15,8 +15,8 @@ from __future__ import annotations
 import mmap
 import struct
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .errors import GuestMemoryError
 
@@ -88,7 +88,7 @@ class GuestMemory:
             except BufferError:  # a view handed out earlier is still alive
                 pass
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -136,7 +136,7 @@ def test_concurrent_builds_compile_once(cache, tmp_path):
         for _ in range(4)
     ]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
-    for out, err, rc in results:
+    for _out, err, rc in results:
         assert rc == 0, err
     outputs = {out for out, _, _ in results}
     assert len(outputs) == 1
