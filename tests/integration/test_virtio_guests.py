@@ -253,6 +253,34 @@ def test_blkbench_writes_reach_the_image(kit, tmp_path):
     assert all(data[i : i + 4096] in fills for i in range(0, len(data), 4096))
 
 
+def test_used_index_never_steps_back_seen_from_another_vcpu(kit, tmp_path):
+    """While vCPU 0 completes requests, vCPU 1 reads used.idx in a loop: it must only move forwards.
+
+    The device writes the index while the other vCPU runs, so the write must be
+    one 16-bit store.  ``struct.pack_into`` zeroes its target first: with it,
+    runs here saw tens to hundreds of steps back whenever the two vCPU threads
+    ran at the same time (a loaded host may serialise them, and then nothing
+    can be seen; the test never fails a correct device).
+    """
+    image = tmp_path / "bench.img"
+    image.write_bytes(bytes(1 << 20))
+    cfg = MachineConfig(
+        kernel=kit.guest_path("blkbench", "pvh"),
+        cmdline="watch ops=8000 depth=1 phases=seqread,seqwrite,randread",
+        devices=[BlockSpec(str(image))],
+        vcpus=2,
+        timeout=120,
+    )
+    with Machine(cfg) as m:
+        m.start()
+        status = m.wait(150)
+        output = m.console.text()
+    m_ = re.search(r"blkbench: watch: (\d+) reads of used\.idx, (\d+) steps back", output)
+    assert m_, output
+    assert int(m_.group(1)) > 0 and int(m_.group(2)) == 0, output
+    assert status is not None and status.code == 0, output
+
+
 # ---- QEMU microvm ----------------------------------------------------------------------
 def qemu_blk_args(image: Path, *, ro: bool = False) -> list[str]:
     drive = f"if=none,file={image},format=raw,id=disk0" + (",readonly=on" if ro else "")
@@ -296,3 +324,16 @@ def test_blkbench_on_qemu(kit, tmp_path):
     assert run.code == 0, run.output
     for phase in ("seqread", "randread", "seqwrite", "randwrite"):
         assert f"blkbench: {phase} ops=300 bytes=1228800 errors=0 depth=8" in run.output
+
+
+@needs_qemu
+def test_used_index_never_steps_back_on_qemu(kit, tmp_path):
+    image = tmp_path / "bench.img"
+    image.write_bytes(bytes(1 << 20))
+    run = run_qemu(
+        kit.guest_path("blkbench", "pvh"),
+        [*qemu_blk_args(image), "-smp", "2"],
+        "watch ops=8000 depth=1 phases=seqread,seqwrite,randread",
+    )
+    assert re.search(r"blkbench: watch: [1-9]\d* reads of used\.idx, 0 steps back", run.output), run.output
+    assert run.code == 0, run.output

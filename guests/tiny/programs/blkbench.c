@@ -7,14 +7,19 @@
  *   depth=N      requests in flight (default 16, at most 64)
  *   phases=LIST  comma-separated, from seqread,randread,seqwrite,randwrite (default: all four)
  *   seed=H       random-offset seed (hex, default 1)
+ *   watch        start one AP (the VM needs 2 vCPUs) that reads used.idx in a loop
+ *                while the phases run and counts every time it moved backwards: the
+ *                device must update the index with one store (§2.7.8), so another
+ *                CPU never sees a torn or intermediate value (keep the phases under
+ *                32768 completions in all, so that a step back cannot be a wrap)
  *
  * Each phase is bracketed by a serial line `blkbench: begin <phase>` and
  * `blkbench: end <phase>` and by BENCH_MARK_BEGIN/END writes to the
  * boot-timer port, so the host can time it on any VMM; then comes one line
  * `blkbench: <phase> ops=N bytes=B errors=E depth=D`.  Offsets cover the
  * whole disk (4 KiB aligned; the sequential phases wrap around).  The guest
- * exits with 0 when every request returned OK, 1 otherwise, 2 when there is
- * no usable device.
+ * exits with 0 when every request returned OK, 1 otherwise (or when the
+ * watcher saw a bad index), 2 when there is no usable device.
  */
 #include "tiny.h"
 #include "virtio.h"
@@ -49,6 +54,31 @@ static struct virtq vq;
 static struct slot slots[MAX_DEPTH];
 static int slot_of_head[1024];
 static uint64_t nblocks, rng;
+
+/* The used.idx watcher on CPU 1 (`watch`). */
+enum { WATCH_OFF, WATCH_STARTING, WATCH_RUNNING, WATCH_STOP, WATCH_DONE };
+static volatile uint32_t watch_state;
+static volatile uint64_t watch_reads, watch_bad;
+
+void ap_main(int cpu)
+{
+	if (cpu != 1 || watch_state != WATCH_STARTING)
+		return;
+	uint16_t last = vq.used->idx;
+	uint64_t reads = 0, bad = 0;
+	watch_state = WATCH_RUNNING;
+	while (watch_state == WATCH_RUNNING) {
+		uint16_t idx = vq.used->idx;
+		uint16_t back = (uint16_t)(last - idx);
+		if (back && back < 0x8000)
+			bad++;
+		last = idx;
+		reads++;
+	}
+	watch_reads = reads;
+	watch_bad = bad;
+	__atomic_store_n(&watch_state, WATCH_DONE, __ATOMIC_RELEASE);
+}
 
 static uint64_t xorshift64(void)
 {
@@ -191,6 +221,21 @@ int main(void)
 	}
 	printf("blkbench: device at %#lx, %lu blocks of 4 KiB, queue %u, depth %lu, ops %lu\n", dev.base, nblocks,
 	       vq.size, depth, ops);
+	bool watch = cmdline_has("watch");
+	if (watch) {
+		watch_state = WATCH_STARTING;
+		if (smp_boot(1, 2000) < 1) {
+			printf("blkbench: watch: the second CPU did not start\n");
+			return 2;
+		}
+		uint64_t end = rdtsc() + 2000 * 3000000ull;
+		while (watch_state != WATCH_RUNNING && rdtsc() < end)
+			cpu_relax();
+		if (watch_state != WATCH_RUNNING) {
+			printf("blkbench: watch: the watcher did not start\n");
+			return 2;
+		}
+	}
 
 	int failed = 0;
 	for (size_t i = 0; i < ARRAY_SIZE(PHASES); i++) {
@@ -208,6 +253,13 @@ int main(void)
 		printf("blkbench: %s ops=%lu bytes=%lu errors=%ld depth=%lu\n", PHASES[i].name, ops, ops * BLOCK,
 		       errors, depth);
 		failed |= errors != 0;
+	}
+	if (watch) {
+		watch_state = WATCH_STOP;
+		while (__atomic_load_n(&watch_state, __ATOMIC_ACQUIRE) != WATCH_DONE)
+			cpu_relax();
+		printf("blkbench: watch: %lu reads of used.idx, %lu steps back\n", watch_reads, watch_bad);
+		failed |= watch_bad != 0;
 	}
 	printf("blkbench: done, %lu notifications, %lu suppressed\n", vq.kicks, vq.kicks_suppressed);
 	return failed;

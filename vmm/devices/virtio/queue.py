@@ -44,6 +44,7 @@ notification (``drain()``).
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -84,7 +85,13 @@ U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
-_U16 = struct.Struct("<H")
+#: The ring indices and flags are read and written as single 16-bit accesses through
+#: native ``"H"`` casts of the ring views (little-endian on x86, the wire order):
+#: ``struct.pack_into`` zeroes its target before writing it byte by byte, and
+#: ``unpack_from`` reads byte by byte, so a driver running at the same time (another
+#: vCPU, or a device completing on its own thread) could see ``used.idx`` read 0, and
+#: the device could read a torn ``avail.idx``.
+_RING_FORMAT = "H"
 
 
 def desc_table_size(size: int) -> int:
@@ -263,6 +270,9 @@ class Virtqueue:
         self._desc_view: memoryview | None = None
         self._avail_view: memoryview | None = None
         self._used_view: memoryview | None = None
+        #: The same two areas as arrays of u16 (see _RING_FORMAT).
+        self._avail16: memoryview | None = None
+        self._used16: memoryview | None = None
         self.reset()
 
     # ---- configuration (written through the transport) ---------------------
@@ -275,10 +285,10 @@ class Virtqueue:
         self._disable()
 
     def _disable(self) -> None:
-        for v in (self._desc_view, self._avail_view, self._used_view):
+        for v in (self._avail16, self._used16, self._desc_view, self._avail_view, self._used_view):
             if v is not None:
                 v.release()
-        self._desc_view = self._avail_view = self._used_view = None
+        self._desc_view = self._avail_view = self._used_view = self._avail16 = self._used16 = None
         self.ready = False
         self.broken = False
         self.indirect = False
@@ -327,6 +337,10 @@ class Virtqueue:
         self._desc_view = mem.view(self.desc_addr, desc_table_size(size))
         self._avail_view = mem.view(self.avail_addr, avail_ring_size(size))
         self._used_view = mem.view(self.used_addr, used_ring_size(size))
+        if sys.byteorder != "little":  # pragma: no cover - KVM on x86 only
+            raise RuntimeError("virtqueue rings need a little-endian host")
+        self._avail16 = self._avail_view.cast(_RING_FORMAT)
+        self._used16 = self._used_view.cast(_RING_FORMAT)
         self.ready = True
 
     def state(self) -> dict[str, int]:
@@ -346,7 +360,7 @@ class Virtqueue:
         return VirtqueueError(self.name, kind, problem, gpa)
 
     def _avail_idx(self) -> int:
-        return _U16.unpack_from(self._avail_view, 2)[0]
+        return self._avail16[1]  # avail.idx
 
     def pending(self) -> int:
         """Chains the driver has made available and the device has not popped."""
@@ -372,9 +386,9 @@ class Virtqueue:
     def _pop_next(self) -> DescriptorChain:
         """Pop the chain at ``next_avail``; the caller made sure one is available."""
         size = self.size
-        slot = 4 + 2 * (self.next_avail % size)
-        head = _U16.unpack_from(self._avail_view, slot)[0]
-        slot_gpa = self.avail_addr + slot
+        slot = 2 + self.next_avail % size  # ring[] after flags and idx, in u16 units
+        head = self._avail16[slot]
+        slot_gpa = self.avail_addr + 2 * slot
         if head >= size:
             raise self._fail("head-out-of-range", f"available ring entry {head} >= queue size {size}", slot_gpa)
         if self._in_flight[head]:
@@ -384,7 +398,7 @@ class Virtqueue:
         self.next_avail = (self.next_avail + 1) & U16_MASK
         if self.event_idx:
             # §2.7.10: tell the driver which entry to notify us about next.
-            _U16.pack_into(self._used_view, 4 + VIRTQ_USED_ELEM_SIZE * size, self.next_avail)
+            self._used16[2 + 4 * size] = self.next_avail  # avail_event, after ring[size]
         self.stats.chains += 1
         return chain
 
@@ -525,18 +539,20 @@ class Virtqueue:
         if not self._in_flight[chain.head]:
             raise ValueError(f"{self.name}: head {chain.head} completed twice")
         self._in_flight[chain.head] = 0
-        used = self._used_view
-        _USED_ELEM.pack_into(used, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), chain.head, written)
+        # The entry is beyond used.idx: the driver does not read it until idx moves.
+        _USED_ELEM.pack_into(
+            self._used_view, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), chain.head, written
+        )
         self.next_used = (self.next_used + 1) & U16_MASK
         if publish:
-            _U16.pack_into(used, 2, self.next_used)
+            self._used16[1] = self.next_used  # used.idx: one 16-bit store
         self.stats.completions += 1
         return True
 
     def publish_used(self) -> None:
         """Write ``used.idx`` for the entries added with ``publish=False`` (after them, §2.7.8.2)."""
         if self.ready:
-            _U16.pack_into(self._used_view, 2, self.next_used)
+            self._used16[1] = self.next_used
 
     def in_flight(self) -> int:
         """Chains popped and not yet completed."""
@@ -559,10 +575,10 @@ class Virtqueue:
         if old == new:
             return False
         if self.event_idx:
-            used_event = _U16.unpack_from(self._avail_view, 4 + 2 * self.size)[0]
+            used_event = self._avail16[2 + self.size]
             need = ((new - used_event - 1) & U16_MASK) < ((new - old) & U16_MASK)
         else:
-            need = not _U16.unpack_from(self._avail_view, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            need = not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if need:
             self.stats.notifications += 1
         else:
