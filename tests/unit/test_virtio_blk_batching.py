@@ -247,3 +247,30 @@ def test_closing_the_transport_lets_guest_memory_unmap(image):
     b.t.close()
     b.mem.close()
     assert all(r.mapping.closed for r in b.mem.regions)
+
+
+def test_vectored_transfers_resume_after_short_ones():
+    """A vectored call may move fewer bytes than asked: the rest follows, across buffer edges."""
+    src = bytes(range(200))
+    bufs = [bytearray(7), bytearray(0), bytearray(50), bytearray(143)]
+    calls = []
+
+    def trickle(fd, views, offset):  # like preadv, but at most 13 bytes per call
+        calls.append(offset)
+        n = 0
+        for v in views:
+            take = min(len(v), 13 - n, len(src) - offset - n)
+            v[:take] = src[offset + n : offset + n + take]
+            n += take
+            if n == 13 or take < len(v):
+                break
+        return n
+
+    views = [memoryview(b) for b in bufs]
+    assert blkmod._vectored(trickle, -1, blkmod._skip(views, 0), 0)
+    assert b"".join(bufs) == src
+    assert calls == list(range(0, 200, 13))
+    assert blkmod._skip(views, 7 + 50)[0].nbytes == 143
+    assert [v.nbytes for v in blkmod._skip(views, 10)] == [47, 143]
+    # End of file before the buffers are full: False, so the caller answers each request itself.
+    assert not blkmod._vectored(lambda fd, v, off: 0, -1, [memoryview(bytearray(4))], 0)

@@ -10,13 +10,18 @@ them refuses that device with a ConfigError naming the option.
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 from typing import Any
 
-from ...errors import ConfigError, DeviceError
+from ...errors import ConfigError, DeviceError, VmmError
 from ...layout import VIRTIO_MMIO_SIZE
 from .device import VirtioDevice
-from .mmio import VirtioMmioTransport
+from .mmio import VIRTIO_MMIO_QUEUE_NOTIFY, VirtioMmioTransport
+from .notify import IoeventfdNotifier
 from .spec import BlockSpec, RngSpec
+
+log = logging.getLogger(__name__)
 
 #: Device kinds whose models live in their own module, and the option that asks for them.
 _MODULES = {"net": ("net", "--net"), "console": ("console", "--console"), "vsock": ("vsock", "--vsock")}
@@ -44,6 +49,9 @@ def build_device(spec: Any) -> VirtioDevice:
     return factory(spec)
 
 
+#: Device kinds whose queue notifications go through KVM ioeventfds (notify.py), not MMIO exits.
+IOEVENTFD_KINDS = frozenset({"blk", "rng"})
+
 #: The `microvm run` option behind each device kind, for error messages.
 CLI_OPTIONS = {"blk": "--disk", "rng": "--rng", "net": "--net", "console": "--console", "vsock": "--vsock"}
 
@@ -61,7 +69,39 @@ def attach_virtio_device(machine: Any, spec: Any, index: int, base: int, gsi: in
     try:
         transport = VirtioMmioTransport(device, machine.memory, machine.irq_line(gsi), name=name)
         machine.mmio_bus.register(base, VIRTIO_MMIO_SIZE, transport, name)
+        if spec.kind in IOEVENTFD_KINDS:
+            use_ioeventfds(machine, transport, base)
     except BaseException:
         device.close()
         raise
     return name, transport
+
+
+def use_ioeventfds(machine: Any, transport: VirtioMmioTransport, base: int) -> bool:
+    """Let KVM signal ``transport``'s queue notifications on eventfds; False where the machine cannot.
+
+    A machine without a KVM VM (device tests) or a KVM without ioeventfds keeps
+    the MMIO exit path, which behaves the same apart from the vCPU waiting; so
+    does ``MICROVM_IOEVENTFD=0`` in the environment (for comparing the two).
+    """
+    vm = getattr(machine, "vm", None)
+    if vm is None or not hasattr(vm, "ioeventfd") or os.environ.get("MICROVM_IOEVENTFD", "1") == "0":
+        return False
+
+    def register(fd: int, addr: int, queue: int) -> None:
+        vm.ioeventfd(fd, addr, 4, datamatch=queue)
+
+    def unregister(fd: int, addr: int, queue: int) -> None:
+        if vm.fd >= 0:
+            vm.ioeventfd(fd, addr, 4, datamatch=queue, deassign=True)
+
+    try:
+        notifier = IoeventfdNotifier(
+            transport, len(transport.queues), base + VIRTIO_MMIO_QUEUE_NOTIFY, register, unregister
+        )
+    except (OSError, VmmError) as exc:
+        log.info("%s: no ioeventfds (%s); queue notifications exit to the VMM", transport.name, exc)
+        return False
+    transport.set_notifier(notifier)
+    notifier.start()
+    return True

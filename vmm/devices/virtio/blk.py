@@ -131,6 +131,16 @@ class _Transfer(NamedTuple):
         return nxt.write == self.write and nxt.offset == self.offset + self.nbytes
 
 
+def _skip(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` after their first ``n`` bytes."""
+    rest = list(views)
+    while rest and n >= len(rest[0]):
+        n -= len(rest.pop(0))
+    if n:
+        rest[0] = rest[0][n:]
+    return rest
+
+
 def _vectored(op: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview], offset: int) -> bool:
     """Move all of ``views`` at ``offset`` with ``op`` (preadv/pwritev), over short transfers; False at end of file."""
     pending = [v for v in views if len(v)]
@@ -330,7 +340,10 @@ class VirtioBlock(VirtioDevice):
                     views.extend([mem.view(b.addr, b.length) for b in chain.writable[:-1]])
                 else:
                     views.extend(chain.writable_views(0, t.nbytes))
-            done = _vectored(os.pwritev if write else os.preadv, self._fd, views, run[0].offset)
+            op = os.pwritev if write else os.preadv
+            offset = run[0].offset
+            n = op(self._fd, views, offset)  # almost always the whole run at once
+            done = n == run[-1].end - offset or (n > 0 and _vectored(op, self._fd, _skip(views, n), offset + n))
         except OSError:
             done = False
         finally:
