@@ -106,7 +106,7 @@ class NetNamespace:
     def _serve(self) -> None:
         try:
             _unshare_net()
-        except BaseException as e:
+        except BaseException as e:  # noqa: BLE001 - handed to the constructor
             self._error = e
             self._started.set()
             return
@@ -118,7 +118,7 @@ class NetNamespace:
             fn, args, kwargs, box, done = item
             try:
                 box.append((True, fn(*args, **kwargs)))
-            except BaseException as e:
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 box.append((False, e))
             done.set()
 
@@ -141,7 +141,7 @@ class NetNamespace:
 
     @staticmethod
     def _ip_raw(*args: str) -> str:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True)
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, check=False)
         if r.returncode:
             raise subprocess.CalledProcessError(r.returncode, ["ip", *args], r.stdout, r.stderr)
         return r.stdout
@@ -180,7 +180,7 @@ class NetNamespace:
             fn = self._cleanups.pop()
             try:
                 self.run(fn)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - the first one is raised after all ran
                 errors.append(e)
         self._calls.put(None)
         self._thread.join()
@@ -223,7 +223,7 @@ class TapNetwork:
         return net
 
     def _delete(self) -> None:
-        r = subprocess.run(["ip", "link", "del", "dev", self.name], capture_output=True, text=True)
+        r = subprocess.run(["ip", "link", "del", "dev", self.name], capture_output=True, text=True, check=False)
         if r.returncode and "Cannot find device" not in r.stderr:
             raise subprocess.CalledProcessError(r.returncode, r.args, r.stdout, r.stderr)
 

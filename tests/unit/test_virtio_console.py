@@ -15,7 +15,6 @@ from vmm.devices.virtio.device import VIRTIO_ID_CONSOLE
 from vmm.devices.virtio.mmio import VIRTIO_MMIO_DEVICE_ID
 from vmm.devices.virtio.queue import VIRTQ_DESC_F_NEXT
 from vmm.devices.virtio.spec import ConsoleSpec
-from vmm.devices.virtio.testing import Segment
 from vmm.errors import DeviceError
 
 

@@ -42,7 +42,6 @@ ignored and counted.  The thread runs from DRIVER_OK to reset or close.
 from __future__ import annotations
 
 import hashlib
-import os
 import struct
 import threading
 from collections import deque
@@ -150,7 +149,9 @@ class VirtioNet(VirtioDevice):
     ) -> None:
         super().__init__()
         if rx_backlog_frames < 1 or rx_backlog_bytes < _READ_BUF:
-            raise ValueError(f"virtio-net: backlog of {rx_backlog_frames} frames / {rx_backlog_bytes} bytes is too small")
+            raise ValueError(
+                f"virtio-net: backlog of {rx_backlog_frames} frames / {rx_backlog_bytes} bytes is too small"
+            )
         self.tap = tap if isinstance(tap, Tap) else Tap(tap)
         if isinstance(mac, str):
             mac = parse_mac(mac)

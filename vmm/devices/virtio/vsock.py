@@ -50,7 +50,8 @@ unknown connections.  What a hostile driver gets, counted in
 * no listener at ``<path>_<P>`` or the connection limit reached: RST.
 rx chains shorter than the header are returned with used length 0; readable
 descriptors in rx chains and writable ones in tx chains are ignored.  A
-driver reset drops every connection (their host sockets are closed).
+driver reset drops every connection (their host sockets are closed); host connections whose REQUEST has not
+reached the driver yet wait for the next one.
 """
 
 from __future__ import annotations
@@ -242,8 +243,8 @@ class VirtioVsock(VirtioDevice):
         #: Guards everything below; taken after the transport lock, never before it.
         self._lock = threading.Lock()
         self._conns: dict[tuple[int, int], _Conn] = {}
-        #: Accepted host sockets that have not sent their CONNECT line yet -> deadline.
-        self._pending_hosts: dict[socket.socket, float] = {}
+        #: Accepted host sockets that have not sent their whole CONNECT line yet -> (deadline, line so far).
+        self._pending_hosts: dict[socket.socket, tuple[float, bytearray]] = {}
         self._rx_ready: deque[tuple[int, int]] = deque()
         self._rx_ready_set: set[tuple[int, int]] = set()
         #: RSTs for unknown connections: (src_cid, src_port, dst_port, type).
@@ -270,13 +271,16 @@ class VirtioVsock(VirtioDevice):
         self._worker.wake()  # host connections may be waiting for the driver
 
     def reset(self) -> None:
+        """Every connection the driver knew of is gone; host connections it never heard of wait on."""
         with self._lock:
-            for conn in self._conns.values():
-                self._closing.append(conn.sock)
-            self._conns.clear()
             self._rx_ready.clear()
             self._rx_ready_set.clear()
             self._rst_queue.clear()
+            for conn in list(self._conns.values()):
+                if conn.pend_request:
+                    self._want_rx(conn)
+                else:
+                    self._remove(conn)
         super().reset()
         self._worker.wake()
 
@@ -732,7 +736,7 @@ class VirtioVsock(VirtioDevice):
     def _expire(self, now: float) -> float | None:
         """Act on passed deadlines; return seconds until the next one (None: none)."""
         nearest: float | None = None
-        for s, deadline in list(self._pending_hosts.items()):
+        for s, (deadline, _) in list(self._pending_hosts.items()):
             if deadline <= now:
                 self.metrics.error("host-connect-line-timeout")
                 del self._pending_hosts[s]
@@ -767,32 +771,34 @@ class VirtioVsock(VirtioDevice):
                 return
             with self._lock:
                 if len(self._conns) + len(self._pending_hosts) < self.max_connections:
-                    self._pending_hosts[sock] = time.monotonic() + self.line_timeout
+                    self._pending_hosts[sock] = (time.monotonic() + self.line_timeout, bytearray())
                     continue
                 self.metrics.error("host-connection-limit")
             sock.close()  # never registered: safe to close here
 
     def _read_connect_line(self, sock: socket.socket) -> None:
-        """Parse ``CONNECT <port>\\n`` without consuming the bytes after it (self._lock held)."""
+        """Parse ``CONNECT <port>\\n`` without consuming the bytes after it (self._lock held).
+
+        Bytes are peeked first; only those up to and including the newline
+        are taken, and a partial line (no newline yet) is taken and kept.
+        """
+        _, line = self._pending_hosts[sock]
         try:
-            peek = sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK)
+            peek = sock.recv(CONNECT_LINE_MAX - len(line), socket.MSG_PEEK)
+            nl = peek.find(b"\n")
+            if peek:
+                line += sock.recv(nl + 1 if nl >= 0 else len(peek))
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            peek = b""
-        nl = peek.find(b"\n")
-        port = None
-        if nl >= 0:
-            try:
-                line = sock.recv(nl + 1)
-            except OSError:
-                line = b""
-            words = line.split()
-            if len(words) == 2 and words[0] == b"CONNECT" and words[1].isdigit() and int(words[1]) <= U32_MASK:
-                port = int(words[1])
-        elif peek and len(peek) < CONNECT_LINE_MAX:
+            peek, nl = b"", -1
+        if peek and nl < 0 and len(line) < CONNECT_LINE_MAX:
             return  # the rest of the line is still coming
         del self._pending_hosts[sock]
+        words = line.split() if nl >= 0 else []
+        port = None
+        if len(words) == 2 and words[0] == b"CONNECT" and words[1].isdigit() and int(words[1]) <= U32_MASK:
+            port = int(words[1])
         if port is None:
             self.metrics.error("host-bad-connect-line")
             self._closing.append(sock)
