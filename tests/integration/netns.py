@@ -31,6 +31,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -234,3 +235,17 @@ class TapNetwork:
 
     def link_state(self) -> str:
         return self.ns.ip("-o", "link", "show", "dev", self.name)
+
+    def wait_operational(self, timeout: float = 10.0) -> None:
+        """Wait until the kernel transmits to the tap after a file attached to it.
+
+        The carrier comes on when a file attaches, but the kernel's link
+        watcher activates the transmit queue asynchronously (up to a second
+        later under load); until then frames toward the tap are dropped by the
+        noop qdisc.  The operational state turns UP in the same step.
+        """
+        deadline = time.monotonic() + timeout
+        while " state UP " not in self.link_state():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tap {self.name} did not become operational: {self.link_state()}")
+            time.sleep(0.005)

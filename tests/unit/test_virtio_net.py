@@ -126,6 +126,7 @@ class NetRig(Rig):
     def __init__(self, ns: NetNamespace, net: TapNetwork, features: int | None = ALL_FEATURES, **kw) -> None:
         dev = ns.run(VirtioNet, net.name, mac=parse_mac(net.guest_mac), **kw)
         super().__init__(dev)
+        net.wait_operational()
         self.ns, self.net = ns, net
         self.features = features
         self.sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
