@@ -350,3 +350,21 @@ def test_built_from_the_cli_spec(sock_path):
         assert os.path.exists(sock_path)
     finally:
         dev.close()
+
+
+def test_a_bug_in_the_device_thread_needs_reset_and_recovers(rig, monkeypatch):
+    c = rig.connect()
+
+    def broken() -> None:
+        raise RuntimeError("injected device bug")
+
+    monkeypatch.setattr(rig.dev, "_receive", broken)
+    c.sendall(b"survives")
+    wait_for(lambda: rig.needs_reset, "DEVICE_NEEDS_RESET")
+    assert rig.t.errors["device"] == 1 and "thread failed" in rig.t.last_error
+    monkeypatch.undo()
+    rig.restart()  # the driver's answer to NEEDS_RESET restarts the thread
+    assert rig.receive() == b"survives"
+    rig.send(b"and out")
+    assert recv_exactly(c, 7) == b"and out"
+    c.close()

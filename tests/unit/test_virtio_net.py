@@ -392,3 +392,14 @@ def test_built_from_the_cli_spec(ns, net):
         build_device(NetSpec(tap=net.name, mac="01:00:00:00:00:00"))
     with pytest.raises(ConfigError, match="--net: mac"):
         build_device(NetSpec(tap=net.name, mac="zz"))
+
+
+def test_a_bug_in_the_receive_thread_needs_reset_and_recovers(rig, monkeypatch):
+    def broken(buf) -> None:
+        raise RuntimeError("injected device bug")
+
+    monkeypatch.setattr(rig.dev, "_read_tap", broken)
+    rig.host_send(b"boom", port=GUEST_PORT + 1)  # stays in the tap queue; the teardown skips it
+    wait_for(lambda: rig.needs_reset, "DEVICE_NEEDS_RESET")
+    assert rig.t.errors["device"] == 1 and "thread failed" in rig.t.last_error
+    monkeypatch.undo()  # the fixture resets, which starts a new thread, and checks frames flow

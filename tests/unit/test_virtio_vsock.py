@@ -669,3 +669,17 @@ def test_built_from_the_cli_spec(path):
         assert isinstance(dev, VirtioVsock) and dev.cid == 5 and os.path.exists(path)
     finally:
         dev.close()
+
+
+def test_a_bug_in_the_device_thread_needs_reset_and_recovers(guest, monkeypatch):
+    c, local = open_from_host(guest, 97)
+
+    def broken(conn) -> None:
+        raise RuntimeError("injected device bug")
+
+    monkeypatch.setattr(guest.dev, "_read_host", broken)
+    c.sendall(b"boom")
+    wait_for(lambda: guest.needs_reset, "DEVICE_NEEDS_RESET")
+    assert guest.t.errors["device"] == 1 and "thread failed" in guest.t.last_error
+    monkeypatch.undo()  # the fixture resets (which restarts the thread) and connects again
+    c.close()

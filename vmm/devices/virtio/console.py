@@ -101,8 +101,7 @@ class VirtioConsole(VirtioDevice):
         self.rejected_clients = 0
         self.tx_dropped_bytes = 0
         self._listener = UnixListener(path, "--console")
-        self._worker = DeviceWorker(f"virtio-console {path}", self._loop, self._worker_crashed)
-        self._worker.start()
+        self._worker = self._start_worker()
 
     # ---- VirtioDevice --------------------------------------------------------------------
     def queue_max_sizes(self) -> Sequence[int]:
@@ -111,8 +110,16 @@ class VirtioConsole(VirtioDevice):
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(0, 0, 0, 0)
 
+    def _start_worker(self) -> DeviceWorker:
+        worker = DeviceWorker(f"virtio-console {self.path}", self._loop, self._worker_crashed)
+        worker.start()
+        return worker
+
     def activate(self, link: DeviceLink) -> None:
         super().activate(link)
+        if not self._worker.alive:  # a bug ended the thread (the driver saw NEEDS_RESET): start afresh
+            self._worker.stop()
+            self._worker = self._start_worker()
         self._worker.wake()  # host bytes may be waiting for the new driver
 
     def reset(self) -> None:

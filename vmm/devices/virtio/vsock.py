@@ -253,8 +253,7 @@ class VirtioVsock(VirtioDevice):
         self._closing: list[socket.socket] = []
         self._next_port = LOCAL_PORT_FIRST
         self._listener = UnixListener(path, "--vsock")
-        self._worker = DeviceWorker(f"virtio-vsock {path}", self._loop, self._worker_crashed)
-        self._worker.start()
+        self._worker = self._start_worker()
 
     # ---- VirtioDevice ----------------------------------------------------------------------------
     def device_features(self) -> int:
@@ -266,8 +265,16 @@ class VirtioVsock(VirtioDevice):
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.cid)
 
+    def _start_worker(self) -> DeviceWorker:
+        worker = DeviceWorker(f"virtio-vsock {self.path}", self._loop, self._worker_crashed)
+        worker.start()
+        return worker
+
     def activate(self, link: DeviceLink) -> None:
         super().activate(link)
+        if not self._worker.alive:  # a bug ended the thread (the driver saw NEEDS_RESET): start afresh
+            self._worker.stop()
+            self._worker = self._start_worker()
         self._worker.wake()  # host connections may be waiting for the driver
 
     def reset(self) -> None:
