@@ -683,3 +683,22 @@ def test_a_bug_in_the_device_thread_needs_reset_and_recovers(guest, monkeypatch)
     assert guest.t.errors["device"] == 1 and "thread failed" in guest.t.last_error
     monkeypatch.undo()  # the fixture resets (which restarts the thread) and connects again
     c.close()
+
+
+def test_clean_close_still_flushes_what_the_host_has_not_read(guest):
+    guest.dev.buf_alloc = 1 << 20
+    c, local = open_from_host(guest, 98)
+    data = pattern(900_000, seed=1)
+    for i in range(0, len(data), MAX_PKT_PAYLOAD):
+        guest.send(VIRTIO_VSOCK_OP_RW, 98, local, data[i : i + MAX_PKT_PAYLOAD])
+    both = VIRTIO_VSOCK_SHUTDOWN_F_SEND | VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE
+    guest.send(VIRTIO_VSOCK_OP_SHUTDOWN, 98, local, flags=both)
+    while (pkt := guest.recv()).op != VIRTIO_VSOCK_OP_RST:
+        assert pkt.op == VIRTIO_VSOCK_OP_CREDIT_UPDATE
+    assert guest.dev.summary()["connections"] == {"closing": 1}  # the host has not read it all yet
+    guest.send(VIRTIO_VSOCK_OP_REQUEST, 98, local)  # the pair is still in use
+    assert guest.recv().op == VIRTIO_VSOCK_OP_RST
+    assert recv_exactly(c, len(data)) == data
+    assert c.recv(1) == b""
+    wait_for(lambda: guest.dev.connection_count() == 0, "the connection to go")
+    c.close()

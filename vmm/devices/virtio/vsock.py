@@ -351,8 +351,8 @@ class VirtioVsock(VirtioDevice):
         if src_cid != self.cid:
             m.error("tx-bad-src-cid")
             return
-        key = (dst_port, src_port)
-        conn = self._conns.get(key)
+        # Connections are (host port, guest port) pairs behind the host's CID only.
+        conn = self._conns.get((dst_port, src_port)) if dst_cid == VMADDR_CID_HOST else None
         bad_len = None
         if length > MAX_PKT_PAYLOAD:
             bad_len = "tx-len-too-large"
@@ -381,7 +381,10 @@ class VirtioVsock(VirtioDevice):
                 self._queue_rst(VMADDR_CID_HOST, dst_port, src_port, type_)
             return
         if conn.state == CLOSING:
-            if op != VIRTIO_VSOCK_OP_RST:
+            if op == VIRTIO_VSOCK_OP_REQUEST:
+                m.error("tx-request-on-closing-connection")
+                self._queue_rst(VMADDR_CID_HOST, dst_port, src_port, type_)
+            elif op != VIRTIO_VSOCK_OP_RST:
                 m.error("tx-on-closing-connection")
             elif conn.pend_rst:  # both sides reset: ours need not go out
                 conn.pend_rst = False
@@ -593,7 +596,8 @@ class VirtioVsock(VirtioDevice):
         q = link.queues[RX_QUEUE]
         m = self.metrics
         for _ in range(q.size):
-            conn = self._next_rx_conn()
+            # RSTs for unknown connections first: they are few, bounded, and free their queue slots.
+            conn = None if self._rst_queue else self._next_rx_conn()
             if conn is None and not self._rst_queue:
                 return
             chain = q.pop()
