@@ -672,7 +672,7 @@ def test_built_from_the_cli_spec(path):
 
 
 def test_a_bug_in_the_device_thread_needs_reset_and_recovers(guest, monkeypatch):
-    c, local = open_from_host(guest, 97)
+    c, _ = open_from_host(guest, 97)
 
     def broken(conn) -> None:
         raise RuntimeError("injected device bug")

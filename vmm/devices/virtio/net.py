@@ -37,6 +37,13 @@ one chain that holds header and frame (§5.1.6.3.2, ``num_buffers`` = 1): a
 chain too small for the next frame is returned with used length 0 and the
 frame dropped (counted); device-readable descriptors in a receive chain are
 ignored and counted.  The thread runs from DRIVER_OK to reset or close.
+
+``tap=NAME`` names an existing tap (made with ``ip tuntap add``, in the
+network namespace of the thread that builds the device); with CAP_NET_ADMIN
+and no such interface the kernel creates a transient one that disappears on
+close.  The MAC is ``mac=`` or one derived from the tap name.  Frames the
+kernel queued on the tap while the driver was reset stay queued and reach the
+next driver.
 """
 
 from __future__ import annotations

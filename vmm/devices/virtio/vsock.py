@@ -24,7 +24,7 @@ goes both ways: every packet to the guest carries our ``buf_alloc``/``fwd_cnt``
 when half the buffer was freed since the guest last heard, or on
 CREDIT_REQUEST; toward the guest we never send more than its
 ``buf_alloc - (rx_cnt - fwd_cnt)`` and ask with CREDIT_REQUEST when it is 0.
-Shutdown (§5.10.6.4): the guest's SHUTDOWN flags stick; SEND shuts the host
+Shutdown (§5.10.6.5): the guest's SHUTDOWN flags stick; SEND shuts the host
 socket for writing once the buffered bytes are out, RECEIVE for reading; both
 make the device answer RST and close the host socket after flushing (at most
 ``linger`` seconds).  Host EOF becomes SHUTDOWN(SEND) after the bytes
@@ -41,7 +41,7 @@ unknown connections.  What a hostile driver gets, counted in
   names a connection, that connection is reset (RST to the guest, host
   socket closed), since its stream has a hole;
 * a source CID other than the guest's: dropped;
-* a destination CID other than the host's, an unknown ``type`` (§5.10.6.2:
+* a destination CID other than the host's, an unknown ``type`` (§5.10.6.4:
   RST), any op but REQUEST/RST for an unknown connection: RST reply, never
   in answer to an RST;
 * RW beyond the credit we gave, RW before the connection is established or
@@ -50,8 +50,8 @@ unknown connections.  What a hostile driver gets, counted in
 * no listener at ``<path>_<P>`` or the connection limit reached: RST.
 rx chains shorter than the header are returned with used length 0; readable
 descriptors in rx chains and writable ones in tx chains are ignored.  A
-driver reset drops every connection (their host sockets are closed); host connections whose REQUEST has not
-reached the driver yet wait for the next one.
+driver reset drops every connection (their host sockets are closed); host
+connections whose REQUEST has not reached the driver yet wait for the next.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ OP_NAMES = {
     VIRTIO_VSOCK_OP_CREDIT_REQUEST: "credit-request",
 }
 
-#: §5.10.6.4 SHUTDOWN flags: bit 0 the sender will receive no more, bit 1 it will send no more.
+#: §5.10.6.5 SHUTDOWN flags: bit 0 the sender will receive no more, bit 1 it will send no more.
 VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE = 1
 VIRTIO_VSOCK_SHUTDOWN_F_SEND = 2
 _SHUTDOWN_BOTH = VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE | VIRTIO_VSOCK_SHUTDOWN_F_SEND
@@ -369,7 +369,7 @@ class VirtioVsock(VirtioDevice):
                 self._queue_rst(dst_cid, dst_port, src_port, type_)
             return
         if type_ != VIRTIO_VSOCK_TYPE_STREAM:
-            m.error("tx-unknown-type")  # §5.10.6.2: answered with RST
+            m.error("tx-unknown-type")  # §5.10.6.4: answered with RST
             if op != VIRTIO_VSOCK_OP_RST:
                 self._queue_rst(VMADDR_CID_HOST, dst_port, src_port, type_)
             return
@@ -512,7 +512,7 @@ class VirtioVsock(VirtioDevice):
             conn.pend_credit_request = False
             self._shutdown_host(conn, socket.SHUT_RD)
         if conn.peer_shutdown == _SHUTDOWN_BOTH:
-            # §5.10.6.4 clean disconnect: answer with RST; host-bound bytes still go out.
+            # §5.10.6.5 clean disconnect: answer with RST; host-bound bytes still go out.
             conn.state = CLOSING
             conn.pend_rst = True
             conn.deadline = time.monotonic() + self.linger
