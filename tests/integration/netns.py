@@ -13,9 +13,9 @@ host's interfaces.
 
 ``TapNetwork`` is one tap in such a namespace with a host address, a fixed
 host MAC and a permanent neighbour entry for the guest, so the kernel sends
-to the guest address without ARP.  Interface names carry the pytest-xdist
-worker (``PYTEST_XDIST_WORKER``) and a counter, so workers never pick the
-same name.
+to the guest address without ARP.  Interface names come from
+``pytest_microvm.workers.tap_name`` (the xdist worker's index and a
+counter), so workers never pick the same name even outside a namespace.
 
 Both need root (CAP_SYS_ADMIN for unshare, CAP_NET_ADMIN for the tap) and
 ``ip`` from iproute2; ``unavailable_reason()`` says why not, for a skip.
@@ -35,8 +35,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from pytest_microvm.workers import tap_name
+
 CLONE_NEWNET = 0x40000000
-IFNAMSIZ = 16
 
 _counter = itertools.count()
 _libc = None
@@ -51,18 +52,9 @@ def _unshare_net() -> None:
         raise OSError(err, f"unshare(CLONE_NEWNET): {os.strerror(err)}")
 
 
-def worker_tag() -> str:
-    """A short tag of this pytest-xdist worker ("gw3" -> "3", no xdist -> "m")."""
-    w = os.environ.get("PYTEST_XDIST_WORKER", "")
-    return w[2:] if w.startswith("gw") else (w[:3] or "m")
-
-
 def unique_ifname(prefix: str = "mvt") -> str:
-    """An interface name unique to this worker and process counter (at most 15 characters)."""
-    name = f"{prefix}{worker_tag()}x{next(_counter)}"
-    if len(name) >= IFNAMSIZ:
-        raise ValueError(f"interface name {name!r} is longer than {IFNAMSIZ - 1} characters")
-    return name
+    """An interface name unique to this pytest-xdist worker and this process's counter."""
+    return tap_name(next(_counter), prefix)
 
 
 _reason: str | None = None

@@ -368,3 +368,20 @@ def test_a_bug_in_the_device_thread_needs_reset_and_recovers(rig, monkeypatch):
     rig.send(b"and out")
     assert recv_exactly(c, 7) == b"and out"
     c.close()
+
+
+def test_attach_errors_name_the_option_and_the_path(tmp_path):
+    from test_virtio_attach import FakeMachine
+
+    from vmm.devices.virtio.attach import attach_virtio_device
+    from vmm.errors import ConfigError
+    from vmm.layout import virtio_mmio_slot
+
+    taken = tmp_path / "taken"
+    taken.write_text("not a socket")
+    m = FakeMachine()
+    base, gsi = virtio_mmio_slot(0)
+    with pytest.raises(ConfigError, match=f"^--console: console socket {taken}: already exists"):
+        attach_virtio_device(m, ConsoleSpec(str(taken)), 0, base, gsi)
+    assert m.mmio_bus.ranges() == []
+    m.memory.close()

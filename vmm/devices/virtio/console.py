@@ -100,7 +100,7 @@ class VirtioConsole(VirtioDevice):
         self.clients = 0
         self.rejected_clients = 0
         self.tx_dropped_bytes = 0
-        self._listener = UnixListener(path, "--console")
+        self._listener = UnixListener(path, "console socket")
         self._worker = self._start_worker()
 
     # ---- VirtioDevice --------------------------------------------------------------------

@@ -25,7 +25,7 @@ def check_path(path: str, what: str) -> None:
     if not path:
         raise DeviceError(f"{what}: empty socket path")
     if len(os.fsencode(path)) >= UNIX_PATH_MAX:
-        raise DeviceError(f"{what}: socket path {path!r} is longer than {UNIX_PATH_MAX - 1} bytes")
+        raise DeviceError(f"{what} {path!r}: longer than the {UNIX_PATH_MAX - 1} bytes a Unix socket path can have")
 
 
 def _is_stale_socket(path: str) -> bool:
@@ -50,12 +50,13 @@ class UnixListener:
     """A non-blocking listening Unix stream socket at ``path``."""
 
     def __init__(self, path: str, what: str, backlog: int = 16) -> None:
+        """``what`` names the socket in errors ("console socket"); attach prefixes the option."""
         check_path(path, what)
         self.path = path
         self.what = what
         if os.path.lexists(path):
             if not _is_stale_socket(path):
-                raise DeviceError(f"{what}: {path} already exists (and is not a stale socket)")
+                raise DeviceError(f"{what} {path}: already exists (and is not a stale socket)")
             os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -66,7 +67,7 @@ class UnixListener:
             sock.setblocking(False)
         except OSError as e:
             sock.close()
-            raise DeviceError(f"{what}: cannot listen on {path}: {e.strerror or e}") from None
+            raise DeviceError(f"{what} {path}: cannot listen: {e.strerror or e}") from None
         self.sock = sock
 
     def accept(self) -> socket.socket | None:

@@ -225,12 +225,14 @@ class VirtioVsock(VirtioDevice):
     ) -> None:
         super().__init__()
         if not 3 <= cid < U32_MASK:
-            raise DeviceError(f"--vsock: guest CID {cid} is reserved or out of range")
+            raise DeviceError(f"vsock: guest CID {cid} is reserved or out of range (3..{U32_MASK - 1})")
         if not 0 < buf_alloc <= U32_MASK or max_connections < 1:
             raise ValueError(f"virtio-vsock: bad limits buf_alloc={buf_alloc} max_connections={max_connections}")
-        check_path(path, "--vsock")
+        check_path(path, "vsock socket")
         if len(path.encode()) + len(f"_{U32_MASK}") >= UNIX_PATH_MAX:
-            raise DeviceError(f"--vsock: {path!r} leaves no room for the _<port> suffix in a {UNIX_PATH_MAX}-byte path")
+            raise DeviceError(
+                f"vsock socket {path!r}: leaves no room for the _<port> suffix in a {UNIX_PATH_MAX}-byte path"
+            )
         self.cid = cid
         self.path = path
         self.queue_size = queue_size
@@ -252,7 +254,7 @@ class VirtioVsock(VirtioDevice):
         #: Sockets the device thread must unregister and close.
         self._closing: list[socket.socket] = []
         self._next_port = LOCAL_PORT_FIRST
-        self._listener = UnixListener(path, "--vsock")
+        self._listener = UnixListener(path, "vsock socket")
         self._worker = self._start_worker()
 
     # ---- VirtioDevice ----------------------------------------------------------------------------
