@@ -55,6 +55,9 @@ GUESTS = (
     "smp",
     "virtio_blk",
     "virtio_rng",
+    "virtio_console",
+    "virtio_net",
+    "virtio_vsock",
     "blkbench",
 )
 #: Image formats and their file names.
