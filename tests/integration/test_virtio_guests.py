@@ -9,22 +9,31 @@ virtio-mmio devices (modern layout: ``virtio-mmio.force-legacy=false``), with
 ACPI (the driver finds QEMU's windows by scanning) and without (QEMU lists
 them as ``virtio_mmio.device=`` on the command line), which shows the driver
 follows the spec rather than our VMM.
+
+The console, net and vsock guests are echo services: the host talks to them
+through the device's host side (the console's Unix socket, a tap in a
+private network namespace, vsock's Unix sockets both ways) and checks every
+answer.  QEMU has no vsock device here (vhost-vsock needs the host kernel's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import socket
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from vmm.devices.virtio.spec import BlockSpec, RngSpec
+from tests.integration.netns import NetNamespace, TapNetwork, unavailable_reason
+from vmm.devices.virtio.spec import BlockSpec, ConsoleSpec, NetSpec, RngSpec, VsockSpec
 from vmm.exitstatus import ExitReason
 from vmm.guestkit import kit as load_kit
 from vmm.machine import Machine, MachineConfig
@@ -46,7 +55,7 @@ RNG_PLAN = 8
 @pytest.fixture(scope="module")
 def kit():
     mod = load_kit()
-    mod.build(["virtio_blk", "virtio_rng", "blkbench"])
+    mod.build(["virtio_blk", "virtio_rng", "virtio_console", "virtio_net", "virtio_vsock", "blkbench"])
     return mod
 
 
@@ -337,3 +346,193 @@ def test_used_index_never_steps_back_on_qemu(kit, tmp_path):
     )
     assert re.search(r"blkbench: watch: [1-9]\d* reads of used\.idx, 0 steps back", run.output), run.output
     assert run.code == 0, run.output
+
+
+# ---- console, net and vsock: echo services ---------------------------------------------------
+class Lines:
+    """Line reader over a stream socket with a deadline."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 20.0) -> None:
+        self.sock = sock
+        self.buf = b""
+        sock.settimeout(timeout)
+
+    def readline(self) -> bytes:
+        while b"\n" not in self.buf:
+            data = self.sock.recv(4096)
+            if not data:
+                raise EOFError(f"connection closed; unread {self.buf!r}")
+            self.buf += data
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+
+@contextlib.contextmanager
+def running(kernel: Path, devices: list, append: str, *, build=Machine):
+    """A started machine; on leaving, waits for the guest to end and closes it."""
+    m = build(MachineConfig(kernel=kernel, cmdline=append, devices=devices, timeout=60))
+    with m:
+        m.start()
+        yield m
+        m.wait(70)
+
+
+def wait_console(m: Machine, text: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in m.console.text():
+        assert m.running and time.monotonic() < deadline, m.console.text()
+        time.sleep(0.005)
+
+
+def test_console_echo_on_ours(kit, tmp_path):
+    path = str(tmp_path / "console.sock")
+    with running(kit.guest_path("virtio_console", "pvh"), [ConsoleSpec(path)], "") as m:
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)
+        lines = Lines(client)
+        assert lines.readline() == b"console: ready"
+        client.sendall(b"hello\r\nsecond ")
+        assert lines.readline() == b"echo: hello"
+        client.sendall(b"line\n" + b"x" * 300 + b"\nexit 7\n")
+        assert lines.readline() == b"echo: second line"
+        assert lines.readline() == b"echo: " + b"x" * 200  # lines are cut at 200 bytes
+        assert lines.readline() == b"echo: exit 7"
+        client.close()
+    assert m.status is not None and m.status.code == 7, m.console.text()
+    summary = m.devices["virtio-console0"].summary()
+    assert summary["faults"] == {} and summary["errors"] == {} and summary["device"]["errors"] == {}
+
+
+@needs_qemu
+def test_console_echo_on_qemu(kit, tmp_path):
+    path = tmp_path / "console.sock"
+    cmd = [
+        QEMU, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128", "-nodefaults",
+        "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+        "-global", "virtio-mmio.force-legacy=false", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+        "-chardev", f"socket,id=con0,path={path},server=on,wait=on",
+        "-device", "virtio-serial-device", "-device", "virtconsole,chardev=con0",
+        "-kernel", str(kit.guest_path("virtio_console", "pvh")),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists():  # QEMU starts the guest once we are connected (wait=on)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.01)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(str(path))
+        lines = Lines(client)
+        assert lines.readline() == b"console: ready"
+        client.sendall(b"from the host\nexit 5\n")
+        assert lines.readline() == b"echo: from the host"
+        assert lines.readline() == b"echo: exit 5"
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == (5 << 1) | 1, out.decode(errors="replace")
+
+
+def needs_netns():
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(f"needs a private network namespace with a tap: {reason}")
+
+
+def net_append(net: TapNetwork) -> str:
+    return f"net_host_mac={net.host_mac} net_host_ip={net.host_ip} net_guest_ip={net.guest_ip} net_port=5000"
+
+
+def udp_echo_session(net: TapNetwork, host: socket.socket) -> None:
+    """The guest's greeting, two echoes, the last of which ends it."""
+    host.settimeout(20)
+    assert host.recvfrom(2048) == (b"hello from the guest", (net.guest_ip, 4000))
+    host.sendto(b"ping " + bytes(range(256)) * 4, (net.guest_ip, 4000))
+    assert host.recvfrom(2048) == (b"echo: ping " + bytes(range(256)) * 4, (net.guest_ip, 4000))
+    host.sendto(b"exit", (net.guest_ip, 4000))
+    assert host.recvfrom(2048) == (b"echo: exit", (net.guest_ip, 4000))
+
+
+def test_net_udp_echo_on_ours(kit):
+    needs_netns()
+    with NetNamespace() as ns:
+        net = TapNetwork.create(ns)
+        host = ns.socket()
+        host.bind((net.host_ip, 5000))
+        devices = [NetSpec(tap=net.name, mac=net.guest_mac)]
+        # The tap is opened in the namespace: the machine is built by the namespace's thread.
+        build = lambda cfg: ns.run(Machine, cfg)  # noqa: E731
+        with running(kit.guest_path("virtio_net", "pvh"), devices, net_append(net), build=build) as m:
+            net.wait_operational()
+            udp_echo_session(net, host)
+        host.close()
+    assert m.status is not None and m.status.code == 0, m.console.text()
+    assert "virtio_net: mac 52:54:00:00:00:02, link up" in m.console.text()
+    summary = m.devices["virtio-net0"].summary()
+    assert summary["device"]["errors"] == {} and summary["device"]["ops"] == {"tx": 3, "rx": 2}
+
+
+@needs_qemu
+def test_net_udp_echo_on_qemu(kit):
+    needs_netns()
+    with NetNamespace() as ns:
+        net = TapNetwork.create(ns)
+        host = ns.socket()
+        host.bind((net.host_ip, 5000))
+        cmd = [
+            QEMU, "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities", "-m", "128", "-nodefaults",
+            "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
+            "-global", "virtio-mmio.force-legacy=false", "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
+            "-netdev", f"tap,id=net0,ifname={net.name},script=no,downscript=no",
+            "-device", f"virtio-net-device,netdev=net0,mac={net.guest_mac}",
+            "-kernel", str(kit.guest_path("virtio_net", "pvh")), "-append", net_append(net),
+        ]  # fmt: skip
+        proc = ns.popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            net.wait_operational()
+            udp_echo_session(net, host)
+            out, _ = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+            proc.wait()
+            host.close()
+    assert proc.returncode == 1, out.decode(errors="replace")  # exit code 0
+    assert b"virtio_net: 2 echoed, 0 other frames ignored" in out
+
+
+def test_vsock_echo_both_ways_on_ours(kit, tmp_path):
+    path = str(tmp_path / "v.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path + "_5000")
+    listener.listen(1)
+    listener.settimeout(20)
+    append = "vsock_connect=5000 vsock_listen=6000"
+    with running(kit.guest_path("virtio_vsock", "pvh"), [VsockSpec(cid=7, path=path)], append) as m:
+        # The guest connects to host port 5000: a connection on <path>_5000.
+        conn, _ = listener.accept()
+        lines = Lines(conn)
+        assert lines.readline() == b"vsock: connected 49152"
+        conn.sendall(b"ping\n" + b"y" * 100 + b"\nsecond\n")
+        assert [lines.readline() for _ in range(3)] == [b"echo: ping", b"echo: " + b"y" * 100, b"echo: second"]
+        conn.close()  # SHUTDOWN to the guest, which answers RST and goes on to listen
+        wait_console(m, "virtio_vsock: listening on port 6000")
+        # The host connects to guest port 6000 through <path> (Firecracker's CONNECT protocol).
+        host = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        host.connect(path)
+        lines = Lines(host)
+        host.sendall(b"CONNECT 6000\n")
+        ok = lines.readline()
+        assert re.fullmatch(rb"OK \d+", ok), ok
+        assert lines.readline() == b"vsock: accepted 6000"
+        host.sendall(b"pong\n")
+        assert lines.readline() == b"echo: pong"
+        host.shutdown(socket.SHUT_WR)
+        assert host.recv(100) == b""  # the guest's RST closes our side
+        host.close()
+    listener.close()
+    assert m.status is not None and m.status.code == 0, m.console.text()
+    assert "virtio_vsock: guest cid 7" in m.console.text()
+    summary = m.devices["virtio-vsock0"].summary()
+    assert summary["faults"] == {} and summary["device"]["errors"] == {}, summary
+    assert summary["device"]["connections"] == {}
