@@ -36,12 +36,11 @@ import errno
 import hashlib
 import os
 import struct
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Sequence
 
 from ...errors import DeviceError, GuestError
 from .device import VIRTIO_ID_BLOCK, VirtioDevice, bit
-from .queue import DescriptorChain, Virtqueue
+from .queue import DescriptorChain
 
 # ---- §5.2.3 Feature bits ----------------------------------------------------
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -105,56 +104,6 @@ _ZERO_CHUNK = 1 << 20
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
-
-
-#: Most buffers in one merged ``preadv``/``pwritev`` (Linux's IOV_MAX) and most bytes.
-_MAX_MERGE_IOV = 1024
-_MAX_MERGE_BYTES = 4 << 20
-_new_transfer = tuple.__new__  # builds a _Transfer without the generated __new__ (one per request)
-
-
-class _Transfer(NamedTuple):
-    """A well-formed IN/OUT request: ``nbytes`` at byte ``offset`` of the disk over ``views`` buffers."""
-
-    chain: DescriptorChain
-    write: bool
-    offset: int
-    nbytes: int
-    views: int
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.nbytes
-
-    def joins(self, nxt: _Transfer) -> bool:
-        """``nxt`` goes the same way and starts where this one ends."""
-        return nxt.write == self.write and nxt.offset == self.offset + self.nbytes
-
-
-def _skip(views: list[memoryview], n: int) -> list[memoryview]:
-    """What is left of ``views`` after their first ``n`` bytes."""
-    rest = list(views)
-    while rest and n >= len(rest[0]):
-        n -= len(rest.pop(0))
-    if n:
-        rest[0] = rest[0][n:]
-    return rest
-
-
-def _vectored(op: Callable[[int, list[memoryview], int], int], fd: int, views: list[memoryview], offset: int) -> bool:
-    """Move all of ``views`` at ``offset`` with ``op`` (preadv/pwritev), over short transfers; False at end of file."""
-    pending = [v for v in views if len(v)]
-    while pending:
-        n = op(fd, pending, offset)
-        if n <= 0:
-            return False
-        offset += n
-        while pending and n >= len(pending[0]):
-            n -= len(pending[0])
-            pending.pop(0)
-        if n:
-            pending[0] = pending[0][n:]
-    return True
 
 
 class _BlkError(Exception):
@@ -260,114 +209,11 @@ class VirtioBlock(VirtioDevice):
             self._fd = -1
 
     def handle_queue(self, index: int) -> None:
-        """Answer every available request, in order; adjacent reads (or writes) share one syscall.
-
-        A run of IN (or OUT) requests whose byte ranges follow each other on
-        the disk is transferred with one ``preadv`` (``pwritev``) over all
-        their buffers, as QEMU merges them; anything else (other types,
-        errors, a non-adjacent request) first completes the run, so requests
-        still take effect in the order the driver made them available.  The
-        used ring's index is written once, after the last entry.
-        """
         assert self.link is not None
         q = self.link.queues[index]
-        run: list[_Transfer] = []
-        run_views = 0
-        try:
-            for chain in q.drain():
-                t = self._transfer(chain)
-                if (
-                    t is not None
-                    and run
-                    and run[-1].joins(t)
-                    and run_views + t.views <= _MAX_MERGE_IOV
-                    and run[-1].end - run[0].offset + t.nbytes <= _MAX_MERGE_BYTES
-                ):
-                    run.append(t)
-                    run_views += t.views
-                    continue
-                done, run = run, [t] if t is not None else []
-                run_views = t.views if t is not None else 0
-                self._complete(q, done)
-                if t is None:
-                    q.add_used(chain, self._process(chain), publish=False)
-        finally:
-            done, run = run, []
-            try:
-                self._complete(q, done)
-            finally:
-                q.publish_used()
-
-    # ---- merged transfers ----------------------------------------------------------------
-    def _transfer(self, chain: DescriptorChain) -> _Transfer | None:
-        """The chain as a well-formed IN or OUT transfer inside the disk, else None (for ``_process``)."""
-        if chain.writable_len < 1 or chain.readable_len < VIRTIO_BLK_REQ_HEADER.size:
-            return None
-        rtype, _reserved, sector = VIRTIO_BLK_REQ_HEADER.unpack(chain.read(0, VIRTIO_BLK_REQ_HEADER.size))
-        if rtype == VIRTIO_BLK_T_IN:
-            nbytes, write = chain.writable_len - 1, False
-            views = len(chain.writable)
-        elif rtype == VIRTIO_BLK_T_OUT and not self.read_only:
-            nbytes, write = chain.readable_len - VIRTIO_BLK_REQ_HEADER.size, True
-            views = len(chain.readable)
-        else:
-            return None
-        if (
-            not nbytes
-            or nbytes % SECTOR_SIZE
-            or sector > self.capacity
-            or nbytes // SECTOR_SIZE > self.capacity - sector
-        ):
-            return None
-        return _new_transfer(_Transfer, (chain, write, sector * SECTOR_SIZE, nbytes, views))
-
-    def _complete(self, q: Virtqueue, run: list[_Transfer]) -> None:
-        """Do a run's I/O in one vectored call and answer each request; per request if that fails."""
-        if not run:
-            return
-        write = run[0].write
-        mem = run[0].chain.queue.memory
-        views: list[memoryview] = []
-        try:
-            for t in run:
-                chain = t.chain
-                if write:
-                    if chain.readable[0].length == VIRTIO_BLK_REQ_HEADER.size:  # header, then whole data buffers
-                        views.extend([mem.view(b.addr, b.length) for b in chain.readable[1:]])
-                    else:
-                        views.extend(chain.readable_views(VIRTIO_BLK_REQ_HEADER.size, t.nbytes))
-                elif chain.writable[-1].length == 1:  # whole data buffers, then the status byte
-                    views.extend([mem.view(b.addr, b.length) for b in chain.writable[:-1]])
-                else:
-                    views.extend(chain.writable_views(0, t.nbytes))
-            op = os.pwritev if write else os.preadv
-            offset = run[0].offset
-            n = op(self._fd, views, offset)  # almost always the whole run at once
-            done = n == run[-1].end - offset or (n > 0 and _vectored(op, self._fd, _skip(views, n), offset + n))
-        except OSError:
-            done = False
-        finally:
-            for v in views:
-                v.release()
-        if not done:  # end of file or an error somewhere: let each request find out its own status
-            for t in run:
-                q.add_used(t.chain, self._process(t.chain), publish=False)
-            return
-        m = self.metrics
-        nbytes = run[-1].end - run[0].offset
-        m.requests += len(run)
-        m.ops["out" if write else "in"] += len(run)
-        if write:
-            m.bytes_read += nbytes
-            m.bytes_written += len(run)
-        else:
-            m.bytes_written += nbytes + len(run)
-        add_used = q.add_used
-        for t in run:
-            chain = t.chain
-            status = chain.writable[-1]
-            mem.write_u8(status.addr + status.length - 1, VIRTIO_BLK_S_OK)  # the chain's last writable byte
-            add_used(chain, 1 if write else t.nbytes + 1, publish=False)
+        for chain in q.drain():
+            written = self._process(chain)
+            q.add_used(chain, written)
 
     # ---- requests ------------------------------------------------------------------------
     def _process(self, chain: DescriptorChain) -> int:

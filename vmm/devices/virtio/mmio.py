@@ -617,8 +617,6 @@ class VirtioMmioTransport:
         with self.lock:
             self._epoch += 1  # late work from device threads is dropped from now on
             self.device.close()
-            for q in self.queues:
-                q.close()  # drops its views of guest memory before the memory goes
 
     def metrics(self) -> dict[str, Any]:
         """For the machine's summary (same as ``summary()``)."""

@@ -10,11 +10,10 @@ Everything read from the guest is treated as hostile:
 
 * every address and length goes through ``GuestMemory`` (which checks the
   whole range, including overflow past 2**64), and is masked to its wire
-  width (u16 ring indices, u32 lengths, u64 addresses) where it is read
-  (the struct formats read exactly those widths); the three ring areas are
-  checked as a whole when the queue is enabled and then accessed through
-  the views ``GuestMemory`` returned for them, at offsets bounded by the
-  queue size; an indirect table likewise through a view of the whole table;
+  width (u16 ring indices, u32 lengths, u64 addresses) where it is read;
+  ring indices and flags are aligned 16-bit ``read_u16``/``write_u16`` accesses, which ``GuestMemory``
+  performs as single loads and stores: the driver may be running on another
+  vCPU, and must never see a torn or intermediate ``used.idx``;
 * a chain is at most the queue size descriptors long (§2.7.5 "A driver MUST
   NOT create a descriptor chain longer than the Queue Size"), which also ends
   every loop; an indirect table is walked at most its own length;
@@ -44,12 +43,11 @@ notification (``drain()``).
 from __future__ import annotations
 
 import struct
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ...errors import GuestError
+from ...errors import GuestError, GuestMemoryError
 from ...memory import GuestMemory
 
 # ---- §2.7.5 The Virtqueue Descriptor Table ---------------------------------
@@ -85,13 +83,6 @@ U64_MASK = 0xFFFF_FFFF_FFFF_FFFF
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
-#: The ring indices and flags are read and written as single 16-bit accesses through
-#: native ``"H"`` casts of the ring views (little-endian on x86, the wire order):
-#: ``struct.pack_into`` zeroes its target before writing it byte by byte, and
-#: ``unpack_from`` reads byte by byte, so a driver running at the same time (another
-#: vCPU, or a device completing on its own thread) could see ``used.idx`` read 0, and
-#: the device could read a torn ``avail.idx``.
-_RING_FORMAT = "H"
 
 
 def desc_table_size(size: int) -> int:
@@ -265,14 +256,6 @@ class Virtqueue:
         self.stats = QueueStats()
         #: Bumped on every reset/disable/enable: chains from an older generation are stale.
         self.generation = 0
-        #: While ready: GuestMemory views of the three areas, each checked as a whole when the
-        #: queue was enabled (guest RAM never moves), so ring accesses need no lookup.
-        self._desc_view: memoryview | None = None
-        self._avail_view: memoryview | None = None
-        self._used_view: memoryview | None = None
-        #: The same two areas as arrays of u16 (see _RING_FORMAT).
-        self._avail16: memoryview | None = None
-        self._used16: memoryview | None = None
         self.reset()
 
     # ---- configuration (written through the transport) ---------------------
@@ -285,10 +268,6 @@ class Virtqueue:
         self._disable()
 
     def _disable(self) -> None:
-        for v in (self._avail16, self._used16, self._desc_view, self._avail_view, self._used_view):
-            if v is not None:
-                v.release()
-        self._desc_view = self._avail_view = self._used_view = self._avail16 = self._used16 = None
         self.ready = False
         self.broken = False
         self.indirect = False
@@ -301,10 +280,6 @@ class Virtqueue:
 
     def disable(self) -> None:
         """QueueReady := 0.  In-flight chains become stale; the configuration stays."""
-        self._disable()
-
-    def close(self) -> None:
-        """The machine is going away: disable and drop the views of guest memory."""
         self._disable()
 
     def validate(self) -> None:
@@ -333,14 +308,6 @@ class Virtqueue:
         self.indirect = indirect
         self.event_idx = event_idx
         self._in_flight = bytearray(self.size)
-        mem, size = self.memory, self.size
-        self._desc_view = mem.view(self.desc_addr, desc_table_size(size))
-        self._avail_view = mem.view(self.avail_addr, avail_ring_size(size))
-        self._used_view = mem.view(self.used_addr, used_ring_size(size))
-        if sys.byteorder != "little":  # pragma: no cover - KVM on x86 only
-            raise RuntimeError("virtqueue rings need a little-endian host")
-        self._avail16 = self._avail_view.cast(_RING_FORMAT)
-        self._used16 = self._used_view.cast(_RING_FORMAT)
         self.ready = True
 
     def state(self) -> dict[str, int]:
@@ -360,7 +327,7 @@ class Virtqueue:
         return VirtqueueError(self.name, kind, problem, gpa)
 
     def _avail_idx(self) -> int:
-        return self._avail16[1]  # avail.idx
+        return self.memory.read_u16(self.avail_addr + 2) & U16_MASK
 
     def pending(self) -> int:
         """Chains the driver has made available and the device has not popped."""
@@ -381,14 +348,9 @@ class Virtqueue:
         """Take the next available chain, or None if there is none (or the queue is not usable)."""
         if not self.pending():
             return None
-        return self._pop_next()
-
-    def _pop_next(self) -> DescriptorChain:
-        """Pop the chain at ``next_avail``; the caller made sure one is available."""
         size = self.size
-        slot = 2 + self.next_avail % size  # ring[] after flags and idx, in u16 units
-        head = self._avail16[slot]
-        slot_gpa = self.avail_addr + 2 * slot
+        slot_gpa = self.avail_addr + 4 + 2 * (self.next_avail % size)
+        head = self.memory.read_u16(slot_gpa) & U16_MASK
         if head >= size:
             raise self._fail("head-out-of-range", f"available ring entry {head} >= queue size {size}", slot_gpa)
         if self._in_flight[head]:
@@ -398,138 +360,110 @@ class Virtqueue:
         self.next_avail = (self.next_avail + 1) & U16_MASK
         if self.event_idx:
             # §2.7.10: tell the driver which entry to notify us about next.
-            self._used16[2 + 4 * size] = self.next_avail  # avail_event, after ring[size]
+            self.memory.write_u16(self.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * size, self.next_avail)
         self.stats.chains += 1
         return chain
 
     def drain(self, budget: int | None = None) -> Iterator[DescriptorChain]:
         """Pop chains until none is left or ``budget`` (default: the queue size) is spent."""
         limit = self.size if budget is None else budget
-        done = 0
-        while done < limit:
-            # One read of avail.idx per batch rather than per chain.
-            n = min(self.pending(), limit - done)
-            if not n:
+        for _ in range(limit):
+            chain = self.pop()
+            if chain is None:
                 return
-            for _ in range(n):
-                if not self.ready or self.broken:  # the consumer reset or broke the queue meanwhile
-                    return
-                yield self._pop_next()
-                done += 1
+            yield chain
 
     def _read_chain(self, head: int) -> DescriptorChain:
         mem = self.memory
+        read, contains, new_buffer = mem.read, mem.contains, _new_buffer
         size = self.size
         readable: list[Buffer] = []
         writable: list[Buffer] = []
         total = 0
         writable_len = 0
-        contains = mem.contains
-        unpack_from = _DESC.unpack_from
-        new_buffer = _new_buffer
         walked = 0  # buffer descriptors in this chain, direct and indirect (<= size)
         table, table_len, in_table = self.desc_addr, size, 0
-        view = self._desc_view  # the table being walked, checked as a whole
-        assert view is not None
-        indirect_view: memoryview | None = None
+        indirect = False
         index = head
-        try:
-            while True:
-                if walked >= size:
+        while True:
+            if walked >= size:
+                raise self._fail(
+                    "chain-too-long",
+                    f"chain from head {head} is longer than the queue size {size} (a loop?)",
+                    table + VIRTQ_DESC_SIZE * index,
+                )
+            if indirect and in_table >= table_len:
+                raise self._fail(
+                    "indirect-too-long",
+                    f"chain in the indirect table is longer than its {table_len} entries (a loop?)",
+                    table + VIRTQ_DESC_SIZE * index,
+                )
+            gpa = table + VIRTQ_DESC_SIZE * index
+            try:
+                addr, length, flags, nxt = _DESC.unpack(read(gpa, VIRTQ_DESC_SIZE))
+            except GuestMemoryError as e:  # only possible if RAM changed under us
+                raise self._fail("desc-outside-ram", f"descriptor {index} is outside guest RAM", gpa) from e
+            in_table += 1
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if indirect:
+                    raise self._fail("indirect-nested", "INDIRECT descriptor inside an indirect table", gpa)
+                if not self.indirect:
                     raise self._fail(
-                        "chain-too-long",
-                        f"chain from head {head} is longer than the queue size {size} (a loop?)",
-                        table + VIRTQ_DESC_SIZE * index,
+                        "indirect-not-negotiated", "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", gpa
                     )
-                if indirect_view is not None:
-                    if in_table >= table_len:
-                        raise self._fail(
-                            "indirect-too-long",
-                            f"chain in the indirect table is longer than its {table_len} entries (a loop?)",
-                            table + VIRTQ_DESC_SIZE * index,
-                        )
-                    in_table += 1
-                # index < table_len: the head and every next were checked against it.
-                addr, length, flags, nxt = unpack_from(view, VIRTQ_DESC_SIZE * index)
-                if flags & VIRTQ_DESC_F_INDIRECT:
-                    gpa = table + VIRTQ_DESC_SIZE * index
-                    if indirect_view is not None:
-                        raise self._fail("indirect-nested", "INDIRECT descriptor inside an indirect table", gpa)
-                    if not self.indirect:
-                        raise self._fail(
-                            "indirect-not-negotiated", "INDIRECT descriptor without VIRTIO_F_INDIRECT_DESC", gpa
-                        )
-                    if flags & VIRTQ_DESC_F_NEXT:
-                        raise self._fail("indirect-next", "descriptor has both INDIRECT and NEXT", gpa)
-                    if length == 0 or length % VIRTQ_DESC_SIZE:
-                        raise self._fail(
-                            "indirect-bad-length",
-                            f"indirect table length {length} is not a non-zero multiple of 16",
-                            gpa,
-                        )
-                    # §2.7.5.3 sets no alignment for indirect tables: any address in RAM will do.
-                    if not contains(addr, length):
-                        raise self._fail(
-                            "indirect-outside-ram", f"indirect table of {length:#x} bytes is outside guest RAM", addr
-                        )
-                    view = indirect_view = mem.view(addr, length)
-                    table, table_len, in_table, index = addr, length // VIRTQ_DESC_SIZE, 0, 0
-                    continue
-                walked += 1
-                if length:
-                    if not contains(addr, length):
-                        raise self._fail(
-                            "buffer-outside-ram",
-                            f"descriptor {index}: buffer {addr:#x}+{length:#x} is outside guest RAM",
-                            table + VIRTQ_DESC_SIZE * index,
-                        )
-                    total += length
-                    if total > VIRTQ_MAX_CHAIN_BYTES:
-                        raise self._fail(
-                            "chain-too-big",
-                            f"chain from head {head} is longer than 2**32-1 bytes",
-                            table + VIRTQ_DESC_SIZE * index,
-                        )
-                    if flags & VIRTQ_DESC_F_WRITE:
-                        writable.append(new_buffer(Buffer, (addr, length)))
-                        writable_len += length
-                    elif writable:
-                        raise self._fail(
-                            "readable-after-writable",
-                            f"descriptor {index}: device-readable buffer after a writable one",
-                            table + VIRTQ_DESC_SIZE * index,
-                        )
-                    else:
-                        readable.append(new_buffer(Buffer, (addr, length)))
-                if not flags & VIRTQ_DESC_F_NEXT:
-                    break
-                if nxt >= table_len:
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise self._fail("indirect-next", "descriptor has both INDIRECT and NEXT", gpa)
+                if length == 0 or length % VIRTQ_DESC_SIZE:
                     raise self._fail(
-                        "next-out-of-range",
-                        f"descriptor {index}: next {nxt} >= table size {table_len}",
-                        table + VIRTQ_DESC_SIZE * index,
+                        "indirect-bad-length", f"indirect table length {length} is not a non-zero multiple of 16", gpa
                     )
-                index = nxt
-        finally:
-            if indirect_view is not None:
-                indirect_view.release()
+                # §2.7.5.3 sets no alignment for indirect tables: any address in RAM will do.
+                if not contains(addr, length):
+                    raise self._fail(
+                        "indirect-outside-ram", f"indirect table of {length:#x} bytes is outside guest RAM", addr
+                    )
+                indirect = True
+                table, table_len, in_table, index = addr, length // VIRTQ_DESC_SIZE, 0, 0
+                continue
+            walked += 1
+            if length:
+                if not contains(addr, length):
+                    raise self._fail(
+                        "buffer-outside-ram",
+                        f"descriptor {index}: buffer {addr:#x}+{length:#x} is outside guest RAM",
+                        gpa,
+                    )
+                total += length
+                if total > VIRTQ_MAX_CHAIN_BYTES:
+                    raise self._fail("chain-too-big", f"chain from head {head} is longer than 2**32-1 bytes", gpa)
+                if flags & VIRTQ_DESC_F_WRITE:
+                    writable.append(new_buffer(Buffer, (addr, length)))
+                    writable_len += length
+                elif writable:
+                    raise self._fail(
+                        "readable-after-writable",
+                        f"descriptor {index}: device-readable buffer after a writable one",
+                        gpa,
+                    )
+                else:
+                    readable.append(new_buffer(Buffer, (addr, length)))
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= table_len:
+                raise self._fail("next-out-of-range", f"descriptor {index}: next {nxt} >= table size {table_len}", gpa)
+            index = nxt
         self.stats.descriptors += walked
         return DescriptorChain(
             self, head, tuple(readable), tuple(writable), self.generation, total - writable_len, writable_len
         )
 
     # ---- the used side -----------------------------------------------------
-    def add_used(self, chain: DescriptorChain, written: int, *, publish: bool = True) -> bool:
+    def add_used(self, chain: DescriptorChain, written: int) -> bool:
         """Return ``chain`` to the driver with ``written`` bytes in its writable part.
 
         §2.7.8.2: ``len`` and the data are in place before ``used.idx`` moves.
         Returns False (and counts it) if the queue was reset, disabled or
         re-enabled since the chain was popped: that completion is dropped.
-
-        With ``publish=False`` the entry is written but ``used.idx`` is not:
-        a device completing a batch calls ``publish_used()`` once after the
-        last entry, before it returns from the notification (one index write
-        per batch instead of one per chain).
         """
         if chain.queue is not self or chain.generation != self.generation or not self.ready:
             self.stats.stale_completions += 1
@@ -539,20 +473,12 @@ class Virtqueue:
         if not self._in_flight[chain.head]:
             raise ValueError(f"{self.name}: head {chain.head} completed twice")
         self._in_flight[chain.head] = 0
-        # The entry is beyond used.idx: the driver does not read it until idx moves.
-        _USED_ELEM.pack_into(
-            self._used_view, 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size), chain.head, written
-        )
+        slot = self.used_addr + 4 + VIRTQ_USED_ELEM_SIZE * (self.next_used % self.size)
+        self.memory.write(slot, _USED_ELEM.pack(chain.head, written & U32_MASK))
         self.next_used = (self.next_used + 1) & U16_MASK
-        if publish:
-            self._used16[1] = self.next_used  # used.idx: one 16-bit store
+        self.memory.write_u16(self.used_addr + 2, self.next_used)  # one 16-bit store (memory.py)
         self.stats.completions += 1
         return True
-
-    def publish_used(self) -> None:
-        """Write ``used.idx`` for the entries added with ``publish=False`` (after them, §2.7.8.2)."""
-        if self.ready:
-            self._used16[1] = self.next_used
 
     def in_flight(self) -> int:
         """Chains popped and not yet completed."""
@@ -575,10 +501,10 @@ class Virtqueue:
         if old == new:
             return False
         if self.event_idx:
-            used_event = self._avail16[2 + self.size]
+            used_event = self.memory.read_u16(self.avail_addr + 4 + 2 * self.size) & U16_MASK
             need = ((new - used_event - 1) & U16_MASK) < ((new - old) & U16_MASK)
         else:
-            need = not self._avail16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            need = not self.memory.read_u16(self.avail_addr) & VIRTQ_AVAIL_F_NO_INTERRUPT
         if need:
             self.stats.notifications += 1
         else:
