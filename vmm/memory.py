@@ -72,6 +72,7 @@ class GuestMemory:
             regions.append(MemoryRegion(gpa, size, mapping))
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
         self._starts = [r.gpa for r in regions]
+        self._first_gpa, self._first_size = regions[0].gpa, regions[0].size
         self._views = [memoryview(r.mapping) for r in regions]
         # The same regions as arrays of native u16/u32/u64 (regions are page multiples);
         # native order is the guest's little-endian on x86.
@@ -111,6 +112,11 @@ class GuestMemory:
     # ---- checks ----------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         """Return (region index, offset in region) for a whole range, or raise."""
+        # The first region (all RAM below the MMIO hole) without the search: every
+        # ring and buffer access of a small guest lands there.
+        off = gpa - self._first_gpa
+        if 0 <= off and 0 < length and off + length <= self._first_size:
+            return 0, off
         if gpa < 0 or length < 0 or gpa + length > U64_LIMIT:
             raise GuestMemoryError(gpa, length, "not a valid 64-bit guest-physical range")
         i = bisect_right(self._starts, gpa) - 1
