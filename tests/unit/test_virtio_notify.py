@@ -163,7 +163,8 @@ class FakeMachine:
         return self.irq
 
 
-def test_attach_routes_rng_notifications_through_an_eventfd():
+def test_attach_routes_rng_notifications_through_an_eventfd(monkeypatch):
+    monkeypatch.setenv("MICROVM_IOEVENTFD", "1")
     vm = FakeVm()
     m = FakeMachine(vm)
     base, gsi = virtio_mmio_slot(0)
@@ -185,8 +186,14 @@ def test_attach_routes_rng_notifications_through_an_eventfd():
     assert vm.calls[-1] == (fd, base + VIRTIO_MMIO_QUEUE_NOTIFY, 4, 0, True)
 
 
-@pytest.mark.parametrize("vm", [None, FakeVm(fail=True)], ids=["no-vm", "no-ioeventfd"])
-def test_attach_keeps_the_exit_path_without_ioeventfds(vm):
+@pytest.mark.parametrize(
+    "vm,env", [(None, "1"), (FakeVm(fail=True), "1"), (FakeVm(), None)], ids=["no-vm", "no-ioeventfd", "default"]
+)
+def test_attach_keeps_the_exit_path_without_ioeventfds(vm, env, monkeypatch):
+    if env is None:
+        monkeypatch.delenv("MICROVM_IOEVENTFD", raising=False)
+    else:
+        monkeypatch.setenv("MICROVM_IOEVENTFD", env)
     m = FakeMachine(vm)
     base, gsi = virtio_mmio_slot(0)
     _, transport = attach_virtio_device(m, RngSpec(), 0, base, gsi)
@@ -196,5 +203,6 @@ def test_attach_keeps_the_exit_path_without_ioeventfds(vm):
         drv.initialize()
         req = drv.submit(0, (), (16,))  # a register write: answered before it returns
         assert drv.used(0) == [(req.head, 16)]
+        assert vm is None or vm.calls == []
     finally:
         transport.close()
