@@ -14,7 +14,7 @@ Rounds alternate between the VMMs (and swap their order every round); the
 table gives medians and the ratio ours / QEMU (above 1: ours is faster).
 
 Ours handles each queue notification as an MMIO exit on the vCPU thread
-(the default); ``ours-ioeventfd`` (``MICROVM_IOEVENTFD=1``) lets KVM signal
+(the default); ``ours-ioeventfd`` (``--ioeventfd``) lets KVM signal
 an eventfd instead and runs the device on a thread of its own, as QEMU does.
 The guest polls the used ring in a loop, so that path needs a second free CPU:
 on an idle host it is the faster one at low queue depth, on a busy host the
@@ -136,8 +136,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="blkbench-") as tmp:
         image = Path(tmp) / "bench.img"
         make_image(image, args.size_mib)
-        ioeventfd_env = {**os.environ, "MICROVM_IOEVENTFD": "1"}
-        vmms = {"ours": (ours_cmd, None), "ours-ioeventfd": (ours_cmd, ioeventfd_env), "qemu": (qemu_cmd, None)}
+        def ours_ioeventfd_cmd(kernel: str, image: Path, append: str) -> list[str]:
+            return [*ours_cmd(kernel, image, append), "--ioeventfd"]
+
+        vmms = {"ours": (ours_cmd, None), "ours-ioeventfd": (ours_ioeventfd_cmd, None), "qemu": (qemu_cmd, None)}
         samples: dict[tuple[str, int, str], list[float]] = {}
         shown: dict[str, list[str]] = {}
         for depth in depths:
@@ -157,8 +159,7 @@ def main() -> None:
     )
     print(f"# host: {host_line()}")
     for name, cmd in shown.items():
-        prefix = "MICROVM_IOEVENTFD=1 " if vmms[name][1] is not None else ""
-        print(f"# {name}: {prefix}{shlex.join(cmd)}")
+        print(f"# {name}: {shlex.join(cmd)}")
     print(
         f"{'phase':<10} {'depth':>5} {'ours MB/s':>10} {'ours IOPS':>10} {'ioevfd IOPS':>11} {'qemu MB/s':>10} "
         f"{'qemu IOPS':>10} {'ours/qemu':>9}"

@@ -55,6 +55,9 @@ class MachineConfig:
     hermit_fs_root: Path | str | None = None
     #: Environment for guests that take one at boot (Hermit).
     env: dict[str, str] = field(default_factory=dict)
+    #: Let KVM turn blk/rng queue notifications into eventfd signals handled on a device
+    #: thread, instead of MMIO exits handled on the vCPU (faster when a host CPU is free).
+    ioeventfd: bool = False
     #: Most bytes of serial output kept in memory (older bytes are dropped, and counted).
     console_limit: int = 16 << 20
     cache_dir: Path | str | None = None
@@ -238,7 +241,7 @@ class Machine:
 
         for index, spec in enumerate(self.config.devices):
             base, gsi = layout.virtio_mmio_slot(index)
-            name, device = attach_virtio_device(self, spec, index, base, gsi)
+            name, device = attach_virtio_device(self, spec, index, base, gsi, ioeventfd=self.config.ioeventfd)
             self.devices[name] = device
             infos.append(MmioDeviceInfo(base, layout.VIRTIO_MMIO_SIZE, gsi, name=f"VR{index:02X}"))
         return infos

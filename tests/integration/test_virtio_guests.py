@@ -81,8 +81,10 @@ def failures(results: dict[int, tuple[bool, str]]) -> list[str]:
     return [name for ok, name in results.values() if not ok]
 
 
-def run_ours(kernel: Path, devices: list, append: str, *, acpi: bool = True) -> tuple[Run, dict]:
-    cfg = MachineConfig(kernel=kernel, cmdline=append, devices=devices, acpi=acpi, timeout=60)
+def run_ours(
+    kernel: Path, devices: list, append: str, *, acpi: bool = True, ioeventfd: bool = False
+) -> tuple[Run, dict]:
+    cfg = MachineConfig(kernel=kernel, cmdline=append, devices=devices, acpi=acpi, timeout=60, ioeventfd=ioeventfd)
     with Machine(cfg) as m:
         m.start()
         status = m.wait(90)
@@ -159,13 +161,15 @@ def test_blk_read_write_flush_on_ours(kit, fmt, tmp_path):
     assert blk["device"]["ops"]["flush"] == 1 and blk["device"]["ops"]["get-id"] == 1
 
 
-def test_blk_with_notifications_through_ioeventfds(kit, tmp_path, monkeypatch):
-    """MICROVM_IOEVENTFD=1: KVM signals an eventfd, the device answers on its own thread."""
-    monkeypatch.setenv("MICROVM_IOEVENTFD", "1")
+def test_blk_with_notifications_through_ioeventfds(kit, tmp_path):
+    """ioeventfd=True: KVM signals an eventfd, the device answers on its own thread."""
     image = tmp_path / "disk.img"
     before = make_image(image)
     run, devs = run_ours(
-        kit.guest_path("virtio_blk", "pvh"), [BlockSpec(str(image), serial=SERIAL)], blk_append(kit, before)
+        kit.guest_path("virtio_blk", "pvh"),
+        [BlockSpec(str(image), serial=SERIAL)],
+        blk_append(kit, before),
+        ioeventfd=True,
     )
     assert failures(tap(run.output, BLK_PLAN)) == [] and run.code == 0, run.output
     expect_written(kit, before, image.read_bytes())
@@ -277,8 +281,8 @@ def test_blkbench_writes_reach_the_image(kit, tmp_path):
     assert all(data[i : i + 4096] in fills for i in range(0, len(data), 4096))
 
 
-@pytest.mark.parametrize("ioeventfd", ["0", "1"], ids=["exits", "ioeventfd"])
-def test_used_index_never_steps_back_seen_from_another_vcpu(kit, tmp_path, monkeypatch, ioeventfd):
+@pytest.mark.parametrize("ioeventfd", [False, True], ids=["exits", "ioeventfd"])
+def test_used_index_never_steps_back_seen_from_another_vcpu(kit, tmp_path, ioeventfd):
     """While vCPU 0 completes requests, vCPU 1 reads used.idx in a loop: it must only move forwards.
 
     The device writes the index while the other vCPU runs, so the write must be
@@ -288,7 +292,6 @@ def test_used_index_never_steps_back_seen_from_another_vcpu(kit, tmp_path, monke
     can be seen; the test never fails a correct device).  With ioeventfds the
     device writes from its own thread while vCPU 0 runs too.
     """
-    monkeypatch.setenv("MICROVM_IOEVENTFD", ioeventfd)
     image = tmp_path / "bench.img"
     image.write_bytes(bytes(1 << 20))
     cfg = MachineConfig(
@@ -297,6 +300,7 @@ def test_used_index_never_steps_back_seen_from_another_vcpu(kit, tmp_path, monke
         devices=[BlockSpec(str(image))],
         vcpus=2,
         timeout=120,
+        ioeventfd=ioeventfd,
     )
     with Machine(cfg) as m:
         m.start()

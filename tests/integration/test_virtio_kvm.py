@@ -65,7 +65,7 @@ def driver_for(machine: Machine, base: int) -> VirtioMmioDriver:
 def used_soon(drv: VirtioMmioDriver, queue: int = 0, timeout: float = 10.0) -> list[tuple[int, int]]:
     """The queue's new used entries, waiting for the first one.
 
-    With ``MICROVM_IOEVENTFD=1`` blk and rng notifications reach the device
+    With ``ioeventfd=True`` blk and rng notifications reach the device
     through a KVM ioeventfd and the transport's notification thread, so the
     guest (which exits right after notifying) can end before the device has
     answered.

@@ -163,12 +163,11 @@ class FakeMachine:
         return self.irq
 
 
-def test_attach_routes_rng_notifications_through_an_eventfd(monkeypatch):
-    monkeypatch.setenv("MICROVM_IOEVENTFD", "1")
+def test_attach_routes_rng_notifications_through_an_eventfd():
     vm = FakeVm()
     m = FakeMachine(vm)
     base, gsi = virtio_mmio_slot(0)
-    _, transport = attach_virtio_device(m, RngSpec(), 0, base, gsi)
+    _, transport = attach_virtio_device(m, RngSpec(), 0, base, gsi, ioeventfd=True)
     try:
         assert transport.summary()["notify_path"] == "ioeventfd"
         [(fd, addr, length, datamatch, deassign)] = vm.calls
@@ -187,16 +186,12 @@ def test_attach_routes_rng_notifications_through_an_eventfd(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "vm,env", [(None, "1"), (FakeVm(fail=True), "1"), (FakeVm(), None)], ids=["no-vm", "no-ioeventfd", "default"]
+    "vm,wanted", [(None, True), (FakeVm(fail=True), True), (FakeVm(), False)], ids=["no-vm", "no-ioeventfd", "default"]
 )
-def test_attach_keeps_the_exit_path_without_ioeventfds(vm, env, monkeypatch):
-    if env is None:
-        monkeypatch.delenv("MICROVM_IOEVENTFD", raising=False)
-    else:
-        monkeypatch.setenv("MICROVM_IOEVENTFD", env)
+def test_attach_keeps_the_exit_path_without_ioeventfds(vm, wanted):
     m = FakeMachine(vm)
     base, gsi = virtio_mmio_slot(0)
-    _, transport = attach_virtio_device(m, RngSpec(), 0, base, gsi)
+    _, transport = attach_virtio_device(m, RngSpec(), 0, base, gsi, ioeventfd=wanted)
     try:
         assert transport.summary()["notify_path"] == "mmio-exit"
         drv = VirtioMmioDriver(transport, m.memory, GuestAllocator(m.memory, MiB, 16 * MiB))

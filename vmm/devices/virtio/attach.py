@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from typing import Any
 
 from ...errors import ConfigError, DeviceError, VmmError
@@ -50,7 +49,7 @@ def build_device(spec: Any) -> VirtioDevice:
 
 
 #: Device kinds whose queue notifications may go through KVM ioeventfds (notify.py) instead of
-#: MMIO exits, with ``MICROVM_IOEVENTFD=1`` in the environment.  Not the default: the device then
+#: MMIO exits, when the machine is configured with ``ioeventfd=True`` (`microvm run --ioeventfd`).  Not the default: the device then
 #: runs on a thread of its own, which wins when a CPU is free for it (twice the requests per
 #: second of a ring-3 polling guest at queue depth 1) and loses when the host is busy (the
 #: guest's vCPU and the device thread compete; see bench/blk.py).
@@ -60,7 +59,9 @@ IOEVENTFD_KINDS = frozenset({"blk", "rng"})
 CLI_OPTIONS = {"blk": "--disk", "rng": "--rng", "net": "--net", "console": "--console", "vsock": "--vsock"}
 
 
-def attach_virtio_device(machine: Any, spec: Any, index: int, base: int, gsi: int) -> tuple[str, VirtioMmioTransport]:
+def attach_virtio_device(
+    machine: Any, spec: Any, index: int, base: int, gsi: int, *, ioeventfd: bool = False
+) -> tuple[str, VirtioMmioTransport]:
     """Build ``spec``'s device, put it behind a transport at ``base`` on ``gsi``; returns (name, transport).
 
     ``machine`` provides ``memory``, ``mmio_bus`` and ``irq_line(gsi)``.
@@ -73,7 +74,7 @@ def attach_virtio_device(machine: Any, spec: Any, index: int, base: int, gsi: in
     try:
         transport = VirtioMmioTransport(device, machine.memory, machine.irq_line(gsi), name=name)
         machine.mmio_bus.register(base, VIRTIO_MMIO_SIZE, transport, name)
-        if spec.kind in IOEVENTFD_KINDS and os.environ.get("MICROVM_IOEVENTFD") == "1":
+        if ioeventfd and spec.kind in IOEVENTFD_KINDS:
             use_ioeventfds(machine, transport, base)
     except BaseException:
         device.close()

@@ -17,7 +17,7 @@ An eventfd counts signals, so none is lost while the thread is busy; several
 become one delivery, which is what a notification means (§2.7.13: "there are
 buffers to process").
 
-``attach.py`` wires blk and rng this way when ``MICROVM_IOEVENTFD=1``.
+``attach.py`` wires blk and rng this way when the machine has ``ioeventfd=True``.
 The thread never calls KVM; registering and removing the eventfds is done
 through the two callables the machine hands over.  ``close()`` stops the
 thread before the transport takes its lock to close the device, removes the
