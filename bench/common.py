@@ -70,7 +70,7 @@ def host_line() -> str:
         pass
     qemu = "not installed"
     if QEMU:
-        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True).stdout.splitlines()[0]
+        qemu = subprocess.run([QEMU, "--version"], capture_output=True, text=True, check=False).stdout.splitlines()[0]
     return (
         f"{cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}, Python {platform.python_version()}, "
         f"{qemu}; {host_info().describe()}"

@@ -98,7 +98,7 @@ def run_qemu_tiny(kind: str, n: int) -> float:
            "-nodefaults", "-serial", "null", "-kernel", str(tiny_guest(kind, "pvh")), "-append", f"n={n}",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=4"]
     t = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True)
+    p = subprocess.run(cmd, capture_output=True, check=False)
     dt = time.perf_counter() - t
     assert p.returncode == 1, (p.returncode, p.stderr[-300:])  # isa-debug-exit: (0 << 1) | 1
     return dt
@@ -123,12 +123,12 @@ def main() -> None:
                 kind = "mmio" if mmio else "pio"
                 tiny = "mmioloop" if mmio else "portloop"
                 runs = {
-                    f"floor {kind}": lambda n: run_floor(floor, f.name, n, mmio),
-                    f"ours-raw {kind}": lambda n: run_ours_raw(code, n, mmio),
-                    f"ours-tiny {kind}": lambda n: run_ours_tiny(tiny, n),
+                    f"floor {kind}": lambda n, mmio=mmio: run_floor(floor, f.name, n, mmio),
+                    f"ours-raw {kind}": lambda n, mmio=mmio: run_ours_raw(code, n, mmio),
+                    f"ours-tiny {kind}": lambda n, tiny=tiny: run_ours_tiny(tiny, n),
                 }
                 if QEMU:
-                    runs[f"qemu-tiny {kind}"] = lambda n: run_qemu_tiny(tiny, n)
+                    runs[f"qemu-tiny {kind}"] = lambda n, tiny=tiny: run_qemu_tiny(tiny, n)
                 for name, fn in runs.items():
                     per_exit = (fn(n2) - fn(n1)) / (n2 - n1)
                     results.setdefault(name, []).append(per_exit)

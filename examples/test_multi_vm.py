@@ -7,7 +7,7 @@ def test_three_echo_guests_are_independent(microvm_factory):
     vms = [microvm_factory(kernel="tiny:echo", name=f"node{i}").start() for i in range(3)]
     for vm in vms:
         vm.console.expect("echo: ready")
-    for i, vm in enumerate(vms):
+    for vm in vms:
         vm.console.sendline(f"I am {vm.name}")
     for vm in vms:
         vm.console.expect(r"echo: I am (node\d+)\r?\n")

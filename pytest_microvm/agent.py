@@ -286,7 +286,7 @@ class AgentServer:
                         os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started
                     proc.communicate()
                     raise
-        except Exception as exc:  # noqa: BLE001 - every failure is answered, never raised into the agent loop
+        except Exception as exc:
             return encode_frame("error", frame.seq, {"message": f"{type(exc).__name__}: {exc}"})
         rc = proc.returncode
         if rc < 0:

@@ -21,8 +21,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 T0 = time.monotonic()
 
@@ -68,6 +68,8 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--console", dest="vconsole", metavar="socket=PATH", help="virtio-console on a Unix socket")
     p.add_argument("--rng", action="store_true", help="virtio-rng from the host's random source")
     p.add_argument("--vsock", metavar="cid=N,path=PATH", help="virtio-vsock (Firecracker's hybrid Unix-socket form)")
+    p.add_argument("--ioeventfd", action="store_true",
+                   help="blk/rng notifications through KVM ioeventfds and a device thread (faster when a CPU is free)")
     p.add_argument("--hermit-fs", metavar="DIR", help="directory a Hermit guest may open files in")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment variable for guests that take one (Hermit); repeatable")
@@ -138,6 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             kvm_path=args.kvm,
             devices=_device_specs(args),
             hermit_fs_root=args.hermit_fs,
+            ioeventfd=args.ioeventfd,
             env=_parse_env(args.env),
         )
         machine = Machine(config, t0=T0)

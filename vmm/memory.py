@@ -7,6 +7,12 @@ or the end of RAM is the same error as being outside it.  No device slices the
 raw mmap; loaders that need bulk zero-copy access use ``view()``, which is
 checked the same way.
 
+``read_uN``/``write_uN`` at an address aligned to N bytes are one N-byte
+load or store, as on hardware, so a vCPU running at the same time never sees
+a torn or intermediate value (virtqueue indices are read and written while
+the driver runs).  ``struct.pack_into`` cannot give that: it zeroes its
+target before writing it byte by byte.
+
 ``GuestMemory`` needs no KVM: device unit tests build one directly.
 """
 
@@ -14,9 +20,10 @@ from __future__ import annotations
 
 import mmap
 import struct
+import sys
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .errors import GuestMemoryError
 
@@ -65,7 +72,14 @@ class GuestMemory:
             regions.append(MemoryRegion(gpa, size, mapping))
         self.regions: tuple[MemoryRegion, ...] = tuple(regions)
         self._starts = [r.gpa for r in regions]
+        self._first_gpa, self._first_size = regions[0].gpa, regions[0].size
         self._views = [memoryview(r.mapping) for r in regions]
+        # The same regions as arrays of native u16/u32/u64 (regions are page multiples);
+        # native order is the guest's little-endian on x86.
+        self._typed = sys.byteorder == "little"
+        self._u16 = [v.cast("H") for v in self._views] if self._typed else []
+        self._u32 = [v.cast("I") for v in self._views] if self._typed else []
+        self._u64 = [v.cast("Q") for v in self._views] if self._typed else []
 
     # ---- bookkeeping -----------------------------------------------------
     @property
@@ -79,16 +93,17 @@ class GuestMemory:
         return self.regions[-1].end
 
     def close(self) -> None:
-        for v in self._views:
+        for v in (*self._u16, *self._u32, *self._u64, *self._views):
             v.release()
         self._views = []
+        self._u16, self._u32, self._u64 = [], [], []
         for r in self.regions:
             try:
                 r.mapping.close()
             except BufferError:  # a view handed out earlier is still alive
                 pass
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -97,6 +112,11 @@ class GuestMemory:
     # ---- checks ----------------------------------------------------------
     def _locate(self, gpa: int, length: int) -> tuple[int, int]:
         """Return (region index, offset in region) for a whole range, or raise."""
+        # The first region (all RAM below the MMIO hole) without the search: every
+        # ring and buffer access of a small guest lands there.
+        off = gpa - self._first_gpa
+        if 0 <= off and 0 < length and off + length <= self._first_size:
+            return 0, off
         if gpa < 0 or length < 0 or gpa + length > U64_LIMIT:
             raise GuestMemoryError(gpa, length, "not a valid 64-bit guest-physical range")
         i = bisect_right(self._starts, gpa) - 1
@@ -160,14 +180,20 @@ class GuestMemory:
 
     def read_u16(self, gpa: int) -> int:
         i, off = self._locate(gpa, 2)
+        if not off & 1 and self._typed:
+            return self._u16[i][off >> 1]
         return _U16.unpack_from(self._views[i], off)[0]
 
     def read_u32(self, gpa: int) -> int:
         i, off = self._locate(gpa, 4)
+        if not off & 3 and self._typed:
+            return self._u32[i][off >> 2]
         return _U32.unpack_from(self._views[i], off)[0]
 
     def read_u64(self, gpa: int) -> int:
         i, off = self._locate(gpa, 8)
+        if not off & 7 and self._typed:
+            return self._u64[i][off >> 3]
         return _U64.unpack_from(self._views[i], off)[0]
 
     def write_u8(self, gpa: int, value: int) -> None:
@@ -176,15 +202,24 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 2)
-        _U16.pack_into(self._views[i], off, value & 0xFFFF)
+        if not off & 1 and self._typed:
+            self._u16[i][off >> 1] = value & 0xFFFF
+        else:
+            _U16.pack_into(self._views[i], off, value & 0xFFFF)
 
     def write_u32(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 4)
-        _U32.pack_into(self._views[i], off, value & 0xFFFFFFFF)
+        if not off & 3 and self._typed:
+            self._u32[i][off >> 2] = value & 0xFFFFFFFF
+        else:
+            _U32.pack_into(self._views[i], off, value & 0xFFFFFFFF)
 
     def write_u64(self, gpa: int, value: int) -> None:
         i, off = self._locate(gpa, 8)
-        _U64.pack_into(self._views[i], off, value & 0xFFFFFFFFFFFFFFFF)
+        if not off & 7 and self._typed:
+            self._u64[i][off >> 3] = value & 0xFFFFFFFFFFFFFFFF
+        else:
+            _U64.pack_into(self._views[i], off, value & 0xFFFFFFFFFFFFFFFF)
 
     def ranges(self) -> Iterable[tuple[int, int]]:
         """(gpa, size) of each region, for e820 maps and memory slots."""

@@ -53,6 +53,12 @@ GUESTS = (
     "portloop",
     "mmioloop",
     "smp",
+    "virtio_blk",
+    "virtio_rng",
+    "virtio_console",
+    "virtio_net",
+    "virtio_vsock",
+    "blkbench",
     "agent",
 )
 #: Sources outside ``programs/`` that a guest links in, relative to the kit's
@@ -127,6 +133,19 @@ def initrd_checksum(data: bytes) -> int:
 def initrd_cmdline(data: bytes) -> str:
     """The ``initrd_size=N initrd_sum=<hex>`` words bootcheck verifies ``data`` against."""
     return f"initrd_size={len(data)} initrd_sum={initrd_checksum(data):08x}"
+
+
+def blk_pattern(seed: int, length: int) -> bytes:
+    """The bytes virtio_blk writes for ``blk_seed=<seed>``: xorshift32 words, little-endian."""
+    mask = 0xFFFFFFFF
+    x = (seed & mask) or 0x9E3779B9
+    out = bytearray()
+    for _ in range(length // 4):
+        x ^= (x << 13) & mask
+        x ^= x >> 17
+        x ^= (x << 5) & mask
+        out += x.to_bytes(4, "little")
+    return bytes(out)
 
 
 # ---- cache location and key --------------------------------------------------

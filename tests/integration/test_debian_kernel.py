@@ -17,10 +17,10 @@ import time
 
 import pytest
 
+from vmm.devices.virtio.spec import BlockSpec, RngSpec
 from vmm.exitstatus import ExitReason
 from vmm.hostinfo import host_info
 from vmm.machine import Machine, MachineConfig
-from vmm.devices.virtio.spec import BlockSpec, RngSpec
 
 pytestmark = pytest.mark.slow
 

@@ -25,6 +25,7 @@ def microvm(*args: str, timeout: float = 60, stdin: bytes | None = None) -> subp
         capture_output=True,
         timeout=timeout,
         input=stdin,
+        check=False,
     )
 
 

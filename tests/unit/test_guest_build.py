@@ -136,7 +136,7 @@ def test_concurrent_builds_compile_once(cache, tmp_path):
         for _ in range(4)
     ]
     results = [p.communicate(timeout=120) + (p.returncode,) for p in procs]
-    for out, err, rc in results:
+    for _out, err, rc in results:
         assert rc == 0, err
     outputs = {out for out, _, _ in results}
     assert len(outputs) == 1
@@ -321,3 +321,11 @@ def test_abi_constants_match_build_py():
         "BENCH_MARK_END",
     ):
         assert int(defines[name], 0) == getattr(mod, name), name
+
+
+def test_blk_pattern_is_xorshift32():
+    mod = load_kit()
+    # Marsaglia's xorshift32 (13, 17, 5) from 1 starts 270369, 67634689, ...
+    assert mod.blk_pattern(1, 8) == (270369).to_bytes(4, "little") + (67634689).to_bytes(4, "little")
+    assert mod.blk_pattern(0, 4) == mod.blk_pattern(0x9E3779B9, 4)  # seed 0 would stay 0
+    assert len(mod.blk_pattern(7, 4096)) == 4096

@@ -126,7 +126,7 @@ class ElfImage:
         return ImageError(self.path, problem)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ElfImage":
+    def from_file(cls, path: str | Path) -> ElfImage:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:

@@ -444,7 +444,7 @@ def uhyve_cpuid(entries: Iterable[Any], *, hide_1gib_pages: bool = True) -> list
 def _place_segments(img: HermitImage, memory, kernel_address: int) -> None:
     bias = kernel_address - img.min_vaddr
     memory.fill(kernel_address, img.mem_size)
-    for i, ph in enumerate(img.elf.program_headers):
+    for ph in img.elf.program_headers:
         if ph.type != PT_LOAD or ph.memsz == 0:
             continue
         memory.write(ph.vaddr + bias, img.elf.segment_bytes(ph))

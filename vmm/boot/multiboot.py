@@ -32,8 +32,8 @@ from .. import layout
 from ..cpustate import CpuState
 from ..errors import ConfigError, ImageError
 from .e820 import build_memory_map
-from .platform import prepare_platform
 from .elf import EM_386, EM_X86_64, ET_EXEC, PT_LOAD, ElfImage
+from .platform import prepare_platform
 from .types import BootRequest, BootSetup
 
 # ---- §3.1.1 header layout -------------------------------------------------------

@@ -75,6 +75,8 @@ class BootSetup:
     #: Called with the Machine once it exists, to attach protocol devices
     #: (e.g. Hermit's hypercall ports).
     attach: Callable[[Any], None] | None = None
+    #: Set a vCPU's whole state instead of entering at ``entry`` (snapshot restore).
+    restore_vcpu: Callable[[Any], None] | None = None
     #: Applied to each vCPU's CPUID table after the VMM's normalisation (a
     #: protocol's own CPUID conventions, e.g. uhyve's).
     cpuid_filter: Callable[[list[Any]], list[Any]] | None = None

@@ -272,6 +272,30 @@ class Serial:
             self._update_irq()
             return taken
 
+    # ---- snapshots ---------------------------------------------------------------
+
+    _STATE_FIELDS = (
+        "_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fifo_enabled", "_trigger",
+        "_lsr_errors", "_msr_delta", "_thre_pending", "_external_modem_inputs",
+    )
+
+    def save_state(self) -> dict:
+        """Registers, receiver FIFO and pending host input, as plain data (for snapshots)."""
+        with self._lock:
+            state = {name.lstrip("_"): getattr(self, name) for name in self._STATE_FIELDS}
+            state["rx"] = bytes(self._rx).hex()
+            state["host_queue"] = bytes(self._host_queue).hex()
+            return state
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``save_state`` returned, and the interrupt line it implies."""
+        with self._lock:
+            for name in self._STATE_FIELDS:
+                setattr(self, name, state[name.lstrip("_")])
+            self._rx = bytearray(bytes.fromhex(state["rx"]))
+            self._host_queue = bytearray(bytes.fromhex(state["host_queue"]))
+            self._update_irq()
+
     def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:
         """Drive the CTS/DSR/RI/DCD inputs (seen by the guest outside loopback)."""
         with self._lock:

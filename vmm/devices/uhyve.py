@@ -389,7 +389,7 @@ class UhyveHypercalls:
                         None,
                         f"uhyve Exit hypercall (port {port:#x}): parameter block at {arg:#x} is outside guest memory",
                     )
-            except Exception as exc:  # noqa: BLE001 - a guest request must never kill a vCPU thread
+            except Exception as exc:
                 self._note_error(
                     f"uhyve {name} hypercall (port {port:#x}, parameter block at {arg:#x}): internal error {type(exc).__name__}: {exc}"
                 )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import KvmIoctlError, KvmUnavailableError
 
@@ -68,7 +68,7 @@ class CpuidEntry:
     edx: int
 
 
-def open_kvm(path: str = DEFAULT_KVM_PATH) -> "Kvm":
+def open_kvm(path: str = DEFAULT_KVM_PATH) -> Kvm:
     return Kvm(path)
 
 
@@ -109,7 +109,7 @@ class Kvm:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Kvm":
+    def __enter__(self) -> Kvm:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -141,7 +141,7 @@ class Kvm:
         _check("KVM_GET_MSR_INDEX_LIST", lib.mvm_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf))
         return [buf.indices[i] for i in range(buf.nmsrs)]
 
-    def create_vm(self) -> "VmFd":
+    def create_vm(self) -> VmFd:
         fd = _check("KVM_CREATE_VM", lib.mvm_ioctl_int(self.fd, lib.KVM_CREATE_VM, 0))
         os.set_inheritable(fd, False)
         return VmFd(self, fd)
@@ -273,7 +273,7 @@ class VmFd:
             p.args[i] = a
         _check("KVM_ENABLE_CAP", lib.mvm_ioctl(self.fd, lib.KVM_ENABLE_CAP, p), f"cap {cap}")
 
-    def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
+    def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = _check(
             "KVM_CREATE_VCPU", lib.mvm_ioctl_int(self.fd, lib.KVM_CREATE_VCPU, vcpu_id), f"vCPU {vcpu_id}"
         )

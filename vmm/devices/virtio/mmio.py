@@ -259,6 +259,8 @@ class VirtioMmioTransport:
         self.config_generation = 0
         self.interrupt_status = 0
         self._epoch = 0
+        #: Delivers QueueNotify writes that KVM turned into eventfd signals (notify.py), if any.
+        self._notifier: Any = None
         self._reset_registers()
         device.bind_config_notifier(self.config_changed)
 
@@ -561,6 +563,15 @@ class VirtioMmioTransport:
         self._call_device(f"queue {value}", self.device.handle_queue, value)
         self._signal_all()
 
+    def notify(self, queue_index: int) -> None:
+        """A QueueNotify write of ``queue_index`` that reached us other than through ``write`` (an ioeventfd)."""
+        with self.lock:
+            self._notify(queue_index)
+
+    def set_notifier(self, notifier: Any) -> None:
+        """Hand over the ``IoeventfdNotifier`` that delivers this window's notifications; closed with us."""
+        self._notifier = notifier
+
     # ---- configuration space ---------------------------------------------------
     def _read_config(self, offset: int, size: int) -> int:
         cfg = self._config_bytes()
@@ -601,6 +612,8 @@ class VirtioMmioTransport:
     # ---- machine life cycle ------------------------------------------------------
     def close(self) -> None:
         """The machine is going away: let the device release its backend."""
+        if self._notifier is not None:
+            self._notifier.close()  # before taking the lock: its thread may be waiting for it
         with self.lock:
             self._epoch += 1  # late work from device threads is dropped from now on
             self.device.close()
@@ -617,6 +630,7 @@ class VirtioMmioTransport:
                 "device_id": self.device.device_id,
                 "status": self.status,
                 "notifications": self.notifications,
+                "notify_path": "ioeventfd" if self._notifier is not None else "mmio-exit",
                 "faults": dict(self.faults),
                 "errors": dict(self.errors),
                 "last_error": self.last_error,
