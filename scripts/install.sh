@@ -21,7 +21,7 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends \
     python3 python3-venv python3-dev python3-pip gcc binutils make libc6-dev linux-libc-dev \
-    qemu-system-x86 busybox-static iproute2 cpio xz-utils zstd ca-certificates >/dev/null
+    qemu-system-x86 busybox-static iproute2 acpica-tools xz-utils zstd ca-certificates >/dev/null
 
 if [ ! -e /dev/kvm ]; then
     echo "error: /dev/kvm does not exist: this machine cannot run VMs (enable virtualization," \

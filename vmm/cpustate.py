@@ -95,18 +95,44 @@ def gdt_entry(flags: int, base: int, limit: int) -> int:
     )
 
 
-#: The boot GDT every entry state uses: null, 64-bit code, 32-bit code, data, TSS.
+# The boot GDTs.  Documentation/arch/x86/boot.rst ("32-bit boot protocol",
+# "64-bit boot protocol") requires a GDT with __BOOT_CS = 0x10 (flat, execute/read)
+# and __BOOT_DS = 0x18 (flat, read/write), CS = __BOOT_CS and DS/ES/SS = __BOOT_DS.
+# Selector 0x10 cannot be both a 32-bit and a 64-bit code segment, so there are two
+# tables with the same selectors: one for 64-bit entry (at BOOT_GDT_ADDR) and one for
+# 32-bit entry (at BOOT_GDT32_ADDR).  Both keep a TSS descriptor at 0x20 so that VM
+# entry has a usable TR (base 0, limit 0x67, busy; the PVH ABI asks for exactly this).
+BOOT_CS = 0x10
+BOOT_DS = 0x18
+BOOT_TSS = 0x20
+#: Long-mode table; 0x08 is a 32-bit code segment (Linux's __KERNEL32_CS) for guests
+#: that drop back to compatibility mode.
+SEL_CODE32_COMPAT = 0x08
+TSS_LIMIT = 0x67
+
+_TSS_DESC = gdt_entry(0x008B, 0, TSS_LIMIT)  # present, busy TSS, byte granular
+
+#: 64-bit boot GDT: null, 32-bit code, 64-bit code, data, 16-byte TSS descriptor.
 BOOT_GDT = (
     0,
-    gdt_entry(0xA09B, 0, 0xFFFFF),  # 0x08: 64-bit code
-    gdt_entry(0xC09B, 0, 0xFFFFF),  # 0x10: 32-bit code
-    gdt_entry(0xC093, 0, 0xFFFFF),  # 0x18: data
-    gdt_entry(0x808B, 0, 0xFFFFF),  # 0x20: TSS (placeholder; the guest loads its own)
+    gdt_entry(0xC09B, 0, 0xFFFFF),  # 0x08: 32-bit code (compatibility mode)
+    gdt_entry(0xA09B, 0, 0xFFFFF),  # 0x10: __BOOT_CS, 64-bit code
+    gdt_entry(0xC093, 0, 0xFFFFF),  # 0x18: __BOOT_DS, flat data
+    _TSS_DESC,  # 0x20: TSS, low half
+    0,  # 0x28: TSS, high half (base bits 63:32)
 )
-SEL_CODE64 = 0x08
-SEL_CODE32 = 0x10
-SEL_DATA = 0x18
-SEL_TSS = 0x20
+#: 32-bit boot GDT: null, unused, 32-bit code, data, TSS.
+BOOT_GDT32 = (
+    0,
+    0,
+    gdt_entry(0xC09B, 0, 0xFFFFF),  # 0x10: __BOOT_CS, 32-bit code
+    gdt_entry(0xC093, 0, 0xFFFFF),  # 0x18: __BOOT_DS, flat data
+    _TSS_DESC,  # 0x20: TSS
+)
+SEL_CODE64 = BOOT_CS
+SEL_CODE32 = BOOT_CS
+SEL_DATA = BOOT_DS
+SEL_TSS = BOOT_TSS
 
 
 @dataclass
@@ -141,9 +167,9 @@ class CpuState:
     @classmethod
     def flat_protected32(cls, rip: int, **gprs: int) -> "CpuState":
         """32-bit protected mode, paging off, flat 4 GiB segments (PVH, multiboot)."""
-        code = Segment.from_descriptor(SEL_CODE32, BOOT_GDT[2])
-        data = Segment.from_descriptor(SEL_DATA, BOOT_GDT[3])
-        tss = Segment.from_descriptor(SEL_TSS, BOOT_GDT[4])
+        code = Segment.from_descriptor(BOOT_CS, BOOT_GDT32[BOOT_CS >> 3])
+        data = Segment.from_descriptor(BOOT_DS, BOOT_GDT32[BOOT_DS >> 3])
+        tss = Segment.from_descriptor(BOOT_TSS, BOOT_GDT32[BOOT_TSS >> 3])
         return cls(
             rip=rip,
             gprs=dict(gprs),
@@ -154,7 +180,7 @@ class CpuState:
             gs=data,
             ss=data,
             tr=tss,
-            gdt=(layout.BOOT_GDT_ADDR, len(BOOT_GDT) * 8 - 1),
+            gdt=(layout.BOOT_GDT32_ADDR, len(BOOT_GDT32) * 8 - 1),
             idt=(layout.BOOT_IDT_ADDR, 0),
             cr0=CR0_PE | CR0_ET,
             mode="protected32",
@@ -163,9 +189,9 @@ class CpuState:
     @classmethod
     def flat_long64(cls, rip: int, cr3: int, rsp: int = layout.BOOT_STACK_POINTER, **gprs: int) -> "CpuState":
         """64-bit long mode with paging on (Linux 64-bit boot protocol, Hermit)."""
-        code = Segment.from_descriptor(SEL_CODE64, BOOT_GDT[1])
-        data = Segment.from_descriptor(SEL_DATA, BOOT_GDT[3])
-        tss = Segment.from_descriptor(SEL_TSS, BOOT_GDT[4])
+        code = Segment.from_descriptor(BOOT_CS, BOOT_GDT[BOOT_CS >> 3])
+        data = Segment.from_descriptor(BOOT_DS, BOOT_GDT[BOOT_DS >> 3])
+        tss = Segment.from_descriptor(BOOT_TSS, BOOT_GDT[BOOT_TSS >> 3])
         regs = dict(gprs)
         regs["rsp"] = rsp
         regs.setdefault("rbp", rsp)
@@ -190,7 +216,8 @@ class CpuState:
 
 
 def write_boot_gdt(memory) -> None:
-    """Write BOOT_GDT and an empty IDT where the entry states point."""
-    for i, desc in enumerate(BOOT_GDT):
-        memory.write_u64(layout.BOOT_GDT_ADDR + 8 * i, desc)
+    """Write both boot GDTs and an empty IDT where the entry states point."""
+    for base, table in ((layout.BOOT_GDT_ADDR, BOOT_GDT), (layout.BOOT_GDT32_ADDR, BOOT_GDT32)):
+        for i, desc in enumerate(table):
+            memory.write_u64(base + 8 * i, desc)
     memory.write_u64(layout.BOOT_IDT_ADDR, 0)

@@ -13,10 +13,12 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 # ---- low memory (below 1 MiB) --------------------------------------------
-#: Boot GDT used by the 64-bit and 32-bit entry states.
+#: Boot GDT of the 64-bit entry state (6 descriptors, 0x30 bytes).
 BOOT_GDT_ADDR = 0x500
+#: Boot GDT of the 32-bit entry state (5 descriptors, 0x28 bytes).
+BOOT_GDT32_ADDR = 0x530
 #: Boot IDT (empty, limit 0): a fault before the guest loads its own triple-faults.
-BOOT_IDT_ADDR = 0x520
+BOOT_IDT_ADDR = 0x560
 #: Linux zero page (struct boot_params), Documentation/arch/x86/boot.rst.
 ZERO_PAGE_ADDR = 0x7000
 #: Initial stack pointer for guests entered in 64-bit mode.

@@ -182,6 +182,7 @@ class Machine:
             vcpus=cfg.vcpus,
             acpi=cfg.acpi,
             mmio_devices=mmio_infos,
+            virtio_cmdline=not cfg.acpi,
             serial_ports=[SerialPortInfo(layout.COM1_PORT, layout.COM1_IRQ)],
             direct_elf=cfg.direct_elf,
             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
@@ -208,13 +209,13 @@ class Machine:
         from .devices.boot_timer import BootTimer
         from .devices.debug_exit import DebugExit
         from .devices.i8042 import I8042
-        from .devices.serial import Serial16550
+        from .devices.serial import Serial
 
-        serial = Serial16550(irq=self.irq_line(layout.COM1_IRQ), output=self.console.write)
-        self.pio_bus.register(layout.COM1_PORT, 8, serial, "serial0")
+        serial = Serial(irq=self.irq_line(layout.COM1_IRQ), output=self.console.write)
+        self.pio_bus.register(layout.COM1_PORT, Serial.SIZE, serial, "serial0")
         self.devices["serial0"] = serial
         i8042 = I8042(self)
-        i8042.attach(self.pio_bus)
+        i8042.register(self.pio_bus)
         self.devices["i8042"] = i8042
         debug_exit = DebugExit(self)
         self.pio_bus.register(layout.DEBUG_EXIT_PORT, 4, debug_exit, "debug-exit")
@@ -223,7 +224,7 @@ class Machine:
         self.pio_bus.register(layout.BOOT_TIMER_PORT, 1, timer, "boot-timer")
         self.devices["boot-timer"] = timer
         pm = AcpiPm(self)
-        pm.attach(self.pio_bus)
+        self.pio_bus.register(AcpiPm.BASE, AcpiPm.SIZE, pm, "acpi-pm")
         self.devices["acpi-pm"] = pm
 
     def _attach_virtio_devices(self) -> list[MmioDeviceInfo]:

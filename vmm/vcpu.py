@@ -383,11 +383,12 @@ def describe_instruction(insn: bytes) -> str:
         if insn.startswith(prefix):
             return name
     body = insn
-    while body and body[0] in (0x66, 0xF2, 0xF3, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47,
+    while body and body[0] in (0xF0, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3, 0x40, 0x41, 0x42, 0x43, 0x44, 0x45, 0x46, 0x47,
                                0x48, 0x49, 0x4A, 0x4B, 0x4C, 0x4D, 0x4E, 0x4F):
         body = body[1:]
     if len(body) >= 3 and body[0] == 0x0F and body[1] == 0xC7 and (body[2] >> 3) & 7 == 1:
-        return "cmpxchg16b" if insn[0] in range(0x48, 0x50) else "cmpxchg8b"
+        rex_w = any(0x48 <= b <= 0x4F for b in insn[: len(insn) - len(body)])
+        return "cmpxchg16b" if rex_w else "cmpxchg8b"
     if len(body) >= 3 and body[0] == 0x0F and body[1] == 0xAE:
         sub = {0: "fxsave", 1: "fxrstor", 2: "ldmxcsr", 3: "stmxcsr", 4: "xsave", 5: "xrstor", 6: "xsaveopt"}
         reg = (body[2] >> 3) & 7

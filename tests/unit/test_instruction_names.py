@@ -10,6 +10,7 @@ from vmm.vcpu import describe_instruction
         ("9bdbe3", "fninit"),
         ("cc", "int3"),
         ("480fc70e", "cmpxchg16b"),
+        ("f0480fc74d20", "cmpxchg16b"),
         ("0fae2f", "xrstor"),
         ("480fae2f", "xrstor"),
         ("0fae27", "xsave"),

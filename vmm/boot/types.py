@@ -44,6 +44,10 @@ class BootRequest:
     serial_ports: list[SerialPortInfo] = field(default_factory=list)
     #: Add ``virtio_mmio.device=`` entries for mmio_devices to the Linux command line.
     virtio_cmdline: bool = True
+    #: The machine has an i8042 (ACPI FADT IAPC_BOOT_ARCH 8042 flag, DSDT PNP0303).
+    i8042: bool = True
+    #: Extra AML terms (vmm.acpi.aml objects) for the DSDT's \_SB_ scope.
+    acpi_devices: list[Any] = field(default_factory=list)
     #: Decompress a bzImage's payload on the host and enter the ELF directly.
     direct_elf: bool = False
     #: Where decompressed payloads are cached (by sha256); None means the default.
