@@ -1,0 +1,45 @@
+"""What every fuzzing state machine shares: the step guard and its oracles.
+
+``FuzzMachine.step(what)`` wraps one call into the device under test with
+the watchdog (no step blocks), the closed error set (nothing but ``allowed``
+escapes) and the host-memory bound (tracemalloc), in that order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+from hypothesis.stateful import RuleBasedStateMachine
+
+from ..oracles import BUS_ERRORS, MemoryBound, Watchdog, guarded
+
+
+class FuzzMachine(RuleBasedStateMachine):
+    """Base of the device state machines; subclasses set ``target``."""
+
+    #: The name ``microvm fuzz`` and the docs use for this machine.
+    target = ""
+    #: Seconds one step may take before the watchdog calls it a hang.
+    step_budget = 5.0
+    #: Check host-memory growth per step (tracemalloc slows the run about twofold).
+    check_memory = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watchdog = Watchdog.shared()
+        self.memory_bound = MemoryBound() if type(self).check_memory else None
+        self.steps = 0
+
+    @contextlib.contextmanager
+    def step(
+        self, what: str, allowed: tuple[type[BaseException], ...] = BUS_ERRORS, allowance: int = 0
+    ) -> Iterator[None]:
+        self.steps += 1
+        mem = self.memory_bound.step(what, allowance) if self.memory_bound else contextlib.nullcontext()
+        with self.watchdog.step(self.step_budget), guarded(what, allowed), mem:
+            yield
+
+    def teardown(self) -> None:
+        if self.memory_bound is not None:
+            self.memory_bound.close()
