@@ -280,11 +280,13 @@ class Desc:
 @dataclass
 class ChainPlan:
     """Descriptors to write: ``table`` maps index -> Desc in the ring's table; ``indirect`` maps a
-    guest address -> list of Desc for indirect tables; ``head`` is what goes in the available ring."""
+    guest address -> list of Desc for indirect tables; ``data`` maps a guest address -> bytes the
+    driver puts in a buffer; ``head`` is what goes in the available ring."""
 
     head: int
     table: dict[int, Desc] = field(default_factory=dict)
     indirect: dict[int, list[Desc]] = field(default_factory=dict)
+    data: dict[int, bytes] = field(default_factory=dict)
     kind: str = "valid"
 
 
