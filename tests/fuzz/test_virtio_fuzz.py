@@ -1,5 +1,8 @@
-from pytest_microvm.fuzz.stateful.virtio import VirtioMachine, RngMachine, BlkMachine, BlkReadOnlyMachine
+"""virtio-mmio devices behind the transport, against the transport, ring and device models."""
+
+from pytest_microvm.fuzz.stateful.virtio import BlkMachine, BlkReadOnlyMachine, RngMachine, VirtioMachine
+
 TestTransport = VirtioMachine.TestCase
 TestRng = RngMachine.TestCase
 TestBlk = BlkMachine.TestCase
-TestBlkRo = BlkReadOnlyMachine.TestCase
+TestBlkReadOnly = BlkReadOnlyMachine.TestCase

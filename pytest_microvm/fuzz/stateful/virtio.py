@@ -515,13 +515,15 @@ class VirtioMachine(FuzzMachine):
         """A kick whose outcome the model cannot know: check safety only, then follow the device."""
         q = self.model.queues[qi]
         before = self.mem.snapshot()
-        allowed_writes = [q.used_area(), BUFFERS, (INDIRECT_BASE, 0x1000)]
+        writable_before = writable_anywhere(self.ram, q)
         self.mem.clear()
         with self.step(f"toctou notify({qi})"):
             self.transport.write(REG["queue_notify"], 4, qi)
         changed = self.mem.changed_ranges(before)
-        # The hook's own edits are in the descriptor table, the avail ring and the indirect table.
-        allowed = allowed_writes + [(q.desc, 16 * q.size), (q.avail, 6 + 2 * q.size)]
+        # Allowed: the used ring, any buffer some descriptor marked writable before or after the
+        # edit, and the hook's own edits (descriptor table, avail ring, indirect table).
+        allowed = [q.used_area(), (q.desc, 16 * q.size), (q.avail, 6 + 2 * q.size), (INDIRECT_BASE + 0x400 * qi, 16)]
+        allowed += writable_before + writable_anywhere(self.ram, q)
         check_write_set(changed, allowed, "toctou notify")
         self.resync(qi)
 
@@ -643,6 +645,23 @@ class BlkMachine(_RequestRules, VirtioMachine):
     def chain_strategy(self, q: QueueModel, qi: int, free: list[int]) -> st.SearchStrategy[ChainPlan]:
         return st.one_of(super().chain_strategy(q, qi, free), _blk_chain(q, free))
 
+
+
+def writable_anywhere(mem: GuestMemory, q: QueueModel, max_indirect: int = 64) -> list[tuple[int, int]]:
+    """Every buffer any descriptor of ``q`` (or an indirect table it names) marks device-writable."""
+    out: list[tuple[int, int]] = []
+    if not mem.contains(q.desc, 16 * q.size):
+        return out
+    for i in range(q.size):
+        addr, length, flags, _ = _DESC.unpack(mem.read(q.desc + 16 * i, 16))
+        if flags & 4 and length % 16 == 0 and mem.contains(addr, length):
+            for k in range(min(length // 16, max_indirect)):
+                a, n, f, _ = _DESC.unpack(mem.read(addr + 16 * k, 16))
+                if f & 2:
+                    out.append((a, n))
+        elif flags & 2:
+            out.append((addr, length))
+    return out
 
 
 @st.composite
