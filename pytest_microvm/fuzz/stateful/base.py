@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from hypothesis import event
 from hypothesis.stateful import RuleBasedStateMachine
 
 from ..oracles import BUS_ERRORS, MemoryBound, Watchdog, guarded
@@ -25,8 +26,13 @@ class FuzzMachine(RuleBasedStateMachine):
     #: Check host-memory growth per step (tracemalloc slows the run about twofold).
     check_memory = True
 
+    #: Per process: machines started (examples), and distinct behaviour labels seen (for campaigns).
+    examples_started = 0
+    behaviours: set[str] = set()
+
     def __init__(self) -> None:
         super().__init__()
+        FuzzMachine.examples_started += 1
         self.watchdog = Watchdog.shared()
         self.memory_bound = MemoryBound() if type(self).check_memory else None
         self.steps = 0
@@ -39,6 +45,11 @@ class FuzzMachine(RuleBasedStateMachine):
         mem = self.memory_bound.step(what, allowance) if self.memory_bound else contextlib.nullcontext()
         with self.watchdog.step(self.step_budget), guarded(what, allowed), mem:
             yield
+
+    def note(self, label: str) -> None:
+        """Record a behaviour (a Hypothesis event, and a label campaigns count as coverage)."""
+        FuzzMachine.behaviours.add(f"{self.target}: {label}")
+        event(label)
 
     def teardown(self) -> None:
         if self.memory_bound is not None:

@@ -36,7 +36,6 @@ import struct
 import tempfile
 from typing import Any
 
-from hypothesis import event
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
@@ -243,10 +242,10 @@ class VirtioMachine(FuzzMachine):
         self._device_step(f"notify({index})", lambda: self.transport.write(REG["queue_notify"], 4, index), allowed_writes)
         if index in results:
             res = results[index]
-            event(f"kick: {min(len(res.completed), 3)}+ completions, error {res.error}")
+            self.note(f"kick: {min(len(res.completed), 3)}+ completions, error {res.error}")
             self._check_ring(index, res, self.mem.reads_served - reads_before)
         else:
-            event("kick: not delivered")
+            self.note("kick: not delivered")
 
     def _check_ring(self, index: int, res: Any, reads: int) -> None:
         q = self.model.queues[index]
@@ -333,14 +332,24 @@ class VirtioMachine(FuzzMachine):
     def register_access(self, a: Access) -> None:
         self.apply(a)
 
-    @rule(ring=st.booleans(), event_idx=st.booleans(), extra=st.sampled_from([0, 0, 0, 1 << 33, 1 << 3, 1 << 40]))
-    def initialize(self, ring: bool, event_idx: bool, extra: int) -> None:
-        """The §3.1.1 sequence up to FEATURES_OK, as Linux does it (read-modify-write of Status)."""
+    @rule(
+        ring=st.booleans(),
+        event_idx=st.booleans(),
+        extra=st.sampled_from([0, 0, 0, 1 << 33, 1 << 3, 1 << 40]),
+        version_1=st.sampled_from([True, True, True, False]),
+        beyond=st.sampled_from([None, None, None, 2, 3, 0xFFFF_FFFF]),
+    )
+    def initialize(self, ring: bool, event_idx: bool, extra: int, version_1: bool = True, beyond: int | None = None) -> None:
+        """The §3.1.1 sequence up to FEATURES_OK, as Linux does it; sometimes with unoffered bits,
+        without VERSION_1, or with a word written at DriverFeaturesSel >= 2 (checklist 4)."""
         self.reg_write(REG["status"], 0)
         self.reg_write(REG["status"], ACKNOWLEDGE)
         self.reg_write(REG["status"], ACKNOWLEDGE | DRIVER)
         offered = self.model.offered
-        want = (1 << 32) | (offered & (1 << 28) if ring else 0) | (offered & (1 << 29) if event_idx else 0) | extra
+        want = (1 << 32 if version_1 else 0) | (offered & (1 << 28) if ring else 0) | (offered & (1 << 29) if event_idx else 0) | extra
+        if beyond is not None:
+            self.reg_write(REG["driver_features_sel"], beyond)
+            self.reg_write(REG["driver_features"], 1)
         for sel in (0, 1):
             self.reg_write(REG["driver_features_sel"], sel)
             self.reg_write(REG["driver_features"], (want >> (32 * sel)) & 0xFFFF_FFFF)
@@ -641,6 +650,20 @@ class BlkMachine(_RequestRules, VirtioMachine):
         from ..models.blk import blk_model
 
         return blk_model(self, chain, shadow)
+
+    @invariant()
+    def image_matches_model(self) -> None:
+        """The image file holds what the model's disk holds: nothing past the capacity, no write on a
+        read-only disk, zeroes after WRITE_ZEROES (sectors after DISCARD are unspecified)."""
+        with open(self.image, "rb") as f:
+            content = f.read()
+        if len(content) != len(self.disk):
+            raise violation("blk-backend-matches-model", f"image is {len(content)} bytes, was {len(self.disk)}")
+        for s in range(len(self.disk) // 512):
+            if s in self.unknown:
+                continue
+            if content[s * 512 : (s + 1) * 512] != self.disk[s * 512 : (s + 1) * 512]:
+                raise violation("blk-backend-matches-model", f"sector {s} of the image differs from the model")
 
     def chain_strategy(self, q: QueueModel, qi: int, free: list[int]) -> st.SearchStrategy[ChainPlan]:
         return st.one_of(super().chain_strategy(q, qi, free), _blk_chain(q, free))

@@ -195,6 +195,7 @@ class VirtqueueMachine(FuzzMachine):
         reads = sum(1 for a in self.mem.log if a.kind == READ)
         if reads > m.size + 8:
             raise violation("bounded-work-per-kick", f"one pop made {reads} guest reads (queue size {m.size})")
+        self.note(f"pop: {raised or ('chain' if got is not None else 'nothing')}")
         if (error is None) != (raised is None):
             raise violation("chain-rules-match-model", f"pop: model error {error}, queue raised {raised}")
         if raised is not None:
