@@ -311,6 +311,8 @@ CHAIN_FAULTS = (
     "direct-then-indirect",
     "at-ring",
 )
+#: The faults that need an indirect table (drawn half the time when one is available).
+INDIRECT_FAULTS = tuple(f for f in CHAIN_FAULTS if f.startswith(("indirect", "direct-then")))
 
 
 @st.composite
@@ -334,7 +336,7 @@ def descriptor_chains(
     has its readable buffers (``readable`` lengths) before its writable ones
     and may go through an indirect table at ``indirect_table``.
     """
-    mode = mode or draw(st.sampled_from(["valid", "valid", "almost", "hostile"]))
+    mode = mode or draw(st.sampled_from(["valid", "valid", "almost", "almost", "hostile"]))
     lo, hi = buffers
     if mode == "hostile":
         n = draw(st.integers(1, min(4, size)))
@@ -359,7 +361,10 @@ def descriptor_chains(
     for n, w in lens:
         a = draw(st.integers(lo, max(lo, hi - max(n, 1))))
         bufs.append(Desc(a, n, VIRTQ_DESC_F_WRITE if w else 0, 0))
-    fault = draw(st.sampled_from(CHAIN_FAULTS)) if mode == "almost" else None
+    fault = None
+    if mode == "almost":
+        indirect_ok = indirect_table is not None and draw(st.booleans())
+        fault = draw(st.sampled_from(INDIRECT_FAULTS if indirect_ok else CHAIN_FAULTS))
     use_indirect = indirect_table is not None and (
         fault in ("indirect-next", "indirect-nested", "indirect-bad-length", "indirect-huge", "indirect-inner-next", "indirect-loop")
         or (fault is None and draw(st.booleans()))
@@ -511,7 +516,12 @@ def discard_segments(capacity: int) -> st.SearchStrategy[bytes]:
 
 @st.composite
 def blk_requests(draw: st.DrawFn, capacity: int, *, max_parts: int = 3) -> BlkRequest:
-    """virtio-blk requests, from well-formed reads and writes to every malformation in checklist 16."""
+    """virtio-blk requests: mostly well-formed reads, writes, flushes, GET_ID, DISCARD and
+    WRITE_ZEROES inside the disk, and every malformation in checklist 16 (short or split headers,
+    head-only chains, no status byte, sector overflow, past capacity, lengths not a multiple of
+    512, GET_ID not 20 bytes, unknown types, bad DISCARD/WRITE_ZEROES segments)."""
+    if draw(st.integers(0, 9)) < 6:
+        return draw(_valid_blk_request(capacity, max_parts))
     name = draw(st.sampled_from([*VIRTIO_BLK_T, "unknown"]))
     rtype = VIRTIO_BLK_T.get(name, draw(st.one_of(st.integers(2, 20), interesting_ints(32))))
     sector = draw(
@@ -526,7 +536,7 @@ def blk_requests(draw: st.DrawFn, capacity: int, *, max_parts: int = 3) -> BlkRe
     out = b""
     in_len = 0
     if name == "out":
-        out = draw(st.binary(min_size=data_len, max_size=data_len)) if data_len <= 1100 else bytes(data_len)
+        out = draw(st.binary(min_size=data_len, max_size=data_len))
     elif name in ("discard", "write-zeroes", "secure-erase"):
         out = draw(discard_segments(capacity))
     elif name == "get-id":
@@ -541,6 +551,30 @@ def blk_requests(draw: st.DrawFn, capacity: int, *, max_parts: int = 3) -> BlkRe
     wsplit = _split(draw, in_len + status_len, max_parts)
     reserved = draw(st.sampled_from([0, 0, 1, U32]))
     return BlkRequest(rtype, sector, out, in_len, status_len, rsplit, wsplit, reserved, header_len)
+
+
+@st.composite
+def _valid_blk_request(draw: st.DrawFn, capacity: int, max_parts: int) -> BlkRequest:
+    name = draw(st.sampled_from(["in", "in", "out", "out", "flush", "get-id", "discard", "write-zeroes"]))
+    sectors = draw(st.integers(0, min(3, capacity)))
+    # Now and then the request ends just past the disk (almost valid: the capacity check's edge).
+    over = draw(st.sampled_from([0, 0, 0, 0, 1, 2]))
+    sector = capacity - sectors + over if over and sectors else draw(st.integers(0, capacity - sectors))
+    out, in_len = b"", 0
+    if name == "in":
+        in_len = 512 * sectors
+    elif name == "out":
+        out = draw(st.binary(min_size=512 * sectors, max_size=512 * sectors))
+    elif name == "get-id":
+        in_len = 20
+    elif name in ("discard", "write-zeroes"):
+        segs = draw(st.lists(st.tuples(st.integers(0, capacity - 1), st.integers(0, 4), st.sampled_from([0, 1])), min_size=1, max_size=3))
+        out = b"".join(
+            struct.pack("<QII", s, min(n, capacity - s), f if name == "write-zeroes" else 0) for s, n, f in segs
+        )
+    rsplit = _split(draw, 16 + len(out), max_parts)
+    wsplit = _split(draw, in_len + 1, max_parts)
+    return BlkRequest(VIRTIO_BLK_T[name], sector, out, in_len, 1, rsplit, wsplit)
 
 
 # ---- virtio-net frames (checklist 17) -------------------------------------------------------------

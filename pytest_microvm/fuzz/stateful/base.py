@@ -11,6 +11,7 @@ import contextlib
 from collections.abc import Iterator
 
 from hypothesis import event
+from hypothesis.control import currently_in_test_context
 from hypothesis.stateful import RuleBasedStateMachine
 
 from ..oracles import BUS_ERRORS, MemoryBound, Watchdog, guarded
@@ -49,7 +50,8 @@ class FuzzMachine(RuleBasedStateMachine):
     def note(self, label: str) -> None:
         """Record a behaviour (a Hypothesis event, and a label campaigns count as coverage)."""
         FuzzMachine.behaviours.add(f"{self.target}: {label}")
-        event(label)
+        if currently_in_test_context():  # not when a reproducer replays the steps by hand
+            event(label)
 
     def teardown(self) -> None:
         if self.memory_bound is not None:

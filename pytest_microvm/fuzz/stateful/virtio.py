@@ -294,7 +294,7 @@ class VirtioMachine(FuzzMachine):
     # ---- start state ---------------------------------------------------------------------------------------
     @initialize(
         boot=st.sampled_from(["live", "live", "live", "features", "none"]),
-        ring=st.booleans(),
+        ring=st.sampled_from([True, True, True, False]),
         event_idx=st.booleans(),
         size=st.sampled_from([8, 8, 4, 2, 1]),
     )
@@ -426,8 +426,13 @@ class VirtioMachine(FuzzMachine):
             buffers=BUFFERS,
             ram_end=RAM_END,
             ring_addr=q.used,
-            indirect_table=INDIRECT_BASE + 0x400 * qi,
+            indirect_table=self._next_table(qi),
         )
+
+    def _next_table(self, qi: int) -> int:
+        """Indirect tables rotate over 8 slots per queue, so chains in flight keep their own."""
+        self.tables = getattr(self, "tables", 0) + 1
+        return INDIRECT_BASE + 0x400 * qi + 0x80 * (self.tables % 8)
 
     def write_plan(self, q: QueueModel, plan: ChainPlan) -> None:
         for i, d in plan.table.items():
@@ -531,7 +536,7 @@ class VirtioMachine(FuzzMachine):
         changed = self.mem.changed_ranges(before)
         # Allowed: the used ring, any buffer some descriptor marked writable before or after the
         # edit, and the hook's own edits (descriptor table, avail ring, indirect table).
-        allowed = [q.used_area(), (q.desc, 16 * q.size), (q.avail, 6 + 2 * q.size), (INDIRECT_BASE + 0x400 * qi, 16)]
+        allowed = [q.used_area(), (q.desc, 16 * q.size), (q.avail, 6 + 2 * q.size), (INDIRECT_BASE + 0x400 * qi, 0x400)]
         allowed += writable_before + writable_anywhere(self.ram, q)
         check_write_set(changed, allowed, "toctou notify")
         self.resync(qi)
@@ -666,7 +671,8 @@ class BlkMachine(_RequestRules, VirtioMachine):
                 raise violation("blk-backend-matches-model", f"sector {s} of the image differs from the model")
 
     def chain_strategy(self, q: QueueModel, qi: int, free: list[int]) -> st.SearchStrategy[ChainPlan]:
-        return st.one_of(super().chain_strategy(q, qi, free), _blk_chain(q, free))
+        blk = _blk_chain(q, free)
+        return st.one_of(super().chain_strategy(q, qi, free), blk, blk, blk)
 
 
 
@@ -692,7 +698,10 @@ def _blk_chain(draw: st.DrawFn, q: QueueModel, free: list[int]) -> ChainPlan:
     """A virtio-blk request laid out as descriptors, its parts split at arbitrary points."""
     req = draw(blk_requests(BLK_SECTORS))
     parts = [(n, False) for n in req.readable_split] + [(n, True) for n in req.writable_split]
-    parts = parts[: len(free)]
+    if len(parts) > len(free):
+        # Not enough descriptors for this split: one readable and one writable descriptor instead.
+        r, w = sum(req.readable_split), sum(req.writable_split)
+        parts = [p for p in ((r, False), (w, True)) if p[0]][: len(free)]
     if not parts:
         return ChainPlan(head=free[0] if free else 0, kind="blk-empty")
     plan = ChainPlan(head=free[0], kind="blk")

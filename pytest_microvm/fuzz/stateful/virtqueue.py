@@ -34,6 +34,8 @@ from .virtio import BUFFERS, HOLE, INDIRECT_BASE, RAM_END, REGION0, REGION1, RIN
 
 _DESC = struct.Struct("<QIHH")
 MAX_SIZE = 8
+#: Ring features are mostly negotiated: chains that use them are then reachable.
+MOSTLY = st.sampled_from([True, True, True, False])
 
 
 class VirtqueueMachine(FuzzMachine):
@@ -55,13 +57,13 @@ class VirtqueueMachine(FuzzMachine):
         super().teardown()
 
     # ---- configuration -------------------------------------------------------------------
-    @initialize(size=st.sampled_from([8, 4, 2, 1]), indirect=st.booleans(), event_idx=st.booleans())
+    @initialize(size=st.sampled_from([8, 4, 2, 1]), indirect=MOSTLY, event_idx=st.booleans())
     def start(self, size: int, indirect: bool, event_idx: bool) -> None:
         base = RING_AREA[0]
         self.ram.fill(base, 0x1000)
         self._enable(size, base, base + 16 * size, (base + 16 * size + 6 + 2 * size + 3) & ~3, indirect, event_idx)
 
-    @rule(data=st.data(), indirect=st.booleans(), event_idx=st.booleans())
+    @rule(data=st.data(), indirect=MOSTLY, event_idx=st.booleans())
     def reconfigure(self, data: st.DataObject, indirect: bool, event_idx: bool) -> None:
         """Disable, then enable with a new size and layout: valid or hostile (checklist 5, 6)."""
         size = data.draw(queue_sizes(MAX_SIZE), label="size")
@@ -102,9 +104,9 @@ class VirtqueueMachine(FuzzMachine):
         if self.mem.log:
             raise violation("no-queue-access-while-not-ready", f"{what}: queue touched guest memory {self.mem.log[0]}")
 
-    @rule()
-    def disable(self) -> None:
-        """QueueReady := 0 with chains in flight (checklist 23)."""
+    @rule(reenable=st.sampled_from([True, True, True, False]), indirect=MOSTLY, event_idx=st.booleans())
+    def disable(self, reenable: bool, indirect: bool, event_idx: bool) -> None:
+        """QueueReady := 0 with chains in flight (checklist 23), usually set up again at once."""
         self.mem.clear()
         with self.step("disable"):
             self.q.disable()
@@ -112,6 +114,8 @@ class VirtqueueMachine(FuzzMachine):
         self.model.disable()
         self._stale_all()
         self.broken = False
+        if reenable:
+            self.start(8, indirect, event_idx)
 
     @rule(next_avail=interesting_ints(16), next_used=interesting_ints(16))
     def restore(self, next_avail: int, next_used: int) -> None:
@@ -121,6 +125,11 @@ class VirtqueueMachine(FuzzMachine):
         self.model.next_avail, self.model.next_used, self.model.signalled = next_avail, next_used, next_used
 
     # ---- the driver side ------------------------------------------------------------------------
+    def _next_table(self) -> int:
+        """Indirect tables rotate over 8 slots, so chains in flight keep their own."""
+        self.tables = getattr(self, "tables", 0) + 1
+        return INDIRECT_BASE + 0x80 * (self.tables % 8)
+
     def _rings_in_ram(self) -> bool:
         m = self.model
         return 0 < m.size <= MAX_SIZE and all(self.ram.contains(a, n) for a, n in m.areas())
@@ -132,7 +141,7 @@ class VirtqueueMachine(FuzzMachine):
         m = self.model
         free = [i for i in data.draw(st.permutations(range(m.size)), label="free") if i not in self.in_flight][:6]
         plan = data.draw(
-            descriptor_chains(size=m.size, free=free, buffers=BUFFERS, ram_end=RAM_END, ring_addr=m.used, indirect_table=INDIRECT_BASE),
+            descriptor_chains(size=m.size, free=free, buffers=BUFFERS, ram_end=RAM_END, ring_addr=m.used, indirect_table=self._next_table()),
             label="chain",
         )
         for i, d in plan.table.items():
@@ -213,6 +222,26 @@ class VirtqueueMachine(FuzzMachine):
             raise violation("used-id-outstanding-once", f"pop returned head {got.head}, model {expected.head}")  # type: ignore[union-attr]
         m.next_avail = (m.next_avail + 1) & 0xFFFF
         self.in_flight[got.head] = got
+
+    def _submit_and_pop(self, data: st.DataObject) -> None:
+        if self.broken or not self.model.ready:
+            # The device answered the last error with NEEDS_RESET; the driver resets and sets up again.
+            self.disable(True, data.draw(MOSTLY, label="indirect"), data.draw(st.booleans(), label="event_idx"))
+        for _ in range(data.draw(st.integers(1, 3), label="chains")):
+            self.submit(data)
+        for _ in range(4):
+            self.pop()
+        if self.in_flight and data.draw(st.booleans(), label="complete"):
+            self.complete(data)
+
+    @rule(data=st.data())
+    def requests(self, data: st.DataObject) -> None:
+        """Submit a few chains and pop them: the path most steps should take (rules are drawn uniformly)."""
+        self._submit_and_pop(data)
+
+    @rule(data=st.data())
+    def more_requests(self, data: st.DataObject) -> None:
+        self._submit_and_pop(data)
 
     @rule(data=st.data())
     def complete(self, data: st.DataObject) -> None:
