@@ -21,8 +21,8 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 T0 = time.monotonic()
 
@@ -69,6 +69,8 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rng", action="store_true", help="virtio-rng from the host's random source")
     p.add_argument("--vsock", metavar="cid=N,path=PATH", help="virtio-vsock (Firecracker's hybrid Unix-socket form)")
     p.add_argument("--hermit-fs", metavar="DIR", help="directory a Hermit guest may open files in")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for guests that take one (Hermit); repeatable")
     p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
 
 
@@ -102,6 +104,18 @@ def _device_specs(args: argparse.Namespace) -> list:
     return parse_cli_devices(disks=args.disk, nets=args.net, console=args.vconsole, rng=args.rng, vsock=args.vsock)
 
 
+def _parse_env(items: list[str]) -> dict[str, str]:
+    from .errors import ConfigError
+
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--env: {item!r} is not KEY=VALUE")
+        env[key] = value
+    return env
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .errors import VmmError
     from .exitstatus import ExitReason
@@ -131,6 +145,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             kvm_path=args.kvm,
             devices=_device_specs(args),
             hermit_fs_root=args.hermit_fs,
+            env=_parse_env(args.env),
         )
         machine = Machine(config, t0=T0)
     except VmmError as exc:
@@ -167,14 +182,16 @@ def _forward_stdin(machine) -> threading.Thread | None:
         return None
 
     def pump() -> None:
-        while machine.running or machine.t_started is None:
+        # Input typed before the guest reads it waits in the UART's bounded host
+        # queue; when that is full, wait for the guest to drain it.
+        while machine.status is None:
             try:
                 data = os.read(fd, 4096)
             except OSError:
                 return
             if not data:
                 return
-            while data and machine.running:
+            while data and machine.status is None:
                 n = machine.send_input(data)
                 data = data[n:]
                 if data:

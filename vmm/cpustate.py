@@ -58,7 +58,7 @@ class Segment:
     unusable: int = 0
 
     @classmethod
-    def from_descriptor(cls, selector: int, desc: int) -> "Segment":
+    def from_descriptor(cls, selector: int, desc: int) -> Segment:
         """Decode a 64-bit GDT descriptor into the hidden part of a segment register."""
         base = ((desc >> 16) & 0xFFFFFF) | (((desc >> 56) & 0xFF) << 24)
         limit = (desc & 0xFFFF) | (((desc >> 48) & 0xF) << 16)
@@ -165,7 +165,7 @@ class CpuState:
                 raise ValueError(f"unknown general-purpose register {name!r}")
 
     @classmethod
-    def flat_protected32(cls, rip: int, **gprs: int) -> "CpuState":
+    def flat_protected32(cls, rip: int, **gprs: int) -> CpuState:
         """32-bit protected mode, paging off, flat 4 GiB segments (PVH, multiboot)."""
         code = Segment.from_descriptor(BOOT_CS, BOOT_GDT32[BOOT_CS >> 3])
         data = Segment.from_descriptor(BOOT_DS, BOOT_GDT32[BOOT_DS >> 3])
@@ -187,7 +187,7 @@ class CpuState:
         )
 
     @classmethod
-    def flat_long64(cls, rip: int, cr3: int, rsp: int = layout.BOOT_STACK_POINTER, **gprs: int) -> "CpuState":
+    def flat_long64(cls, rip: int, cr3: int, rsp: int = layout.BOOT_STACK_POINTER, **gprs: int) -> CpuState:
         """64-bit long mode with paging on (Linux 64-bit boot protocol, Hermit)."""
         code = Segment.from_descriptor(BOOT_CS, BOOT_GDT[BOOT_CS >> 3])
         data = Segment.from_descriptor(BOOT_DS, BOOT_GDT[BOOT_DS >> 3])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -22,25 +23,36 @@ def kit_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "guests" / "tiny"
 
 
-_module: ModuleType | None = None
+def _import(path: Path, name: str) -> ModuleType:
+    """Import a build script by file path (once per process)."""
+    mod = sys.modules.get(name)
+    if mod is not None:
+        return mod
+    if not path.is_file():
+        raise VmmError(
+            f"{path} is missing: install pytest-microvm from its source tree (guests/ lives there), "
+            "or set MICROVM_GUEST_KIT to the tiny-guest kit directory"
+        )
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses and pickling look modules up by name
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return mod
 
 
 def kit() -> ModuleType:
-    """The kit's build module, imported by file path."""
-    global _module
-    if _module is None:
-        path = kit_dir() / "build.py"
-        if not path.is_file():
-            raise VmmError(
-                f"the tiny-guest kit is not at {path.parent} (install pytest-microvm from its source "
-                "tree, or set MICROVM_GUEST_KIT to the kit directory)"
-            )
-        spec = importlib.util.spec_from_file_location("microvm_tiny_guest_build", path)
-        assert spec is not None and spec.loader is not None
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
-        _module = mod
-    return _module
+    """The tiny-guest kit's build module."""
+    return _import(kit_dir() / "build.py", "microvm_tiny_guest_build")
+
+
+def debian_linux():
+    """Debian's cloud kernel + the reference busybox initramfs (guests/linux; fetched with apt, cached)."""
+    return _import(kit_dir().parent / "linux" / "build.py", "microvm_linux_guest_build").build()
 
 
 def build_tiny(names: list[str] | None = None) -> dict[str, Path]:

@@ -72,7 +72,7 @@ def measure(kvm_path: str = "/dev/kvm") -> HostInfo:
     return HostInfo(ns < NATIVE_THRESHOLD_NS, ns, kvm_path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def host_info(kvm_path: str = "/dev/kvm") -> HostInfo:
     """The measured host kind, cached per process (and per boot in the cache dir)."""
     cache = _cache_file()

@@ -53,6 +53,8 @@ class MachineConfig:
     devices: list[Any] = field(default_factory=list)
     #: Directory a Hermit guest may open files in (None: no file access).
     hermit_fs_root: Path | str | None = None
+    #: Environment for guests that take one at boot (Hermit).
+    env: dict[str, str] = field(default_factory=dict)
     #: Most bytes of serial output kept in memory (older bytes are dropped, and counted).
     console_limit: int = 16 << 20
     cache_dir: Path | str | None = None
@@ -186,14 +188,15 @@ class Machine:
             serial_ports=[SerialPortInfo(layout.COM1_PORT, layout.COM1_IRQ)],
             direct_elf=cfg.direct_elf,
             cache_dir=Path(cfg.cache_dir) if cfg.cache_dir else None,
+            env=dict(cfg.env),
+            hermit_fs_root=Path(cfg.hermit_fs_root) if cfg.hermit_fs_root else None,
         )
         if loader is None:
             from .boot import load as loader
         self.boot = loader(request)
+        self._create_vcpus()
         if self.boot.attach is not None:
             self.boot.attach(self)
-
-        self._create_vcpus()
 
     def irq_line(self, gsi: int) -> CallbackIrqLine:
         """An interrupt line wired to the in-kernel irqchip's ``gsi``."""
@@ -241,8 +244,8 @@ class Machine:
         return infos
 
     def _create_vcpus(self) -> None:
-        from .vcpu import Vcpu, boot_msrs
         from .cpustate import write_boot_gdt
+        from .vcpu import Vcpu, boot_msrs
 
         cfg = self.config
         supported = self.kvm.supported_cpuid()
@@ -255,12 +258,17 @@ class Machine:
             fd = self.vm.create_vcpu(index)
             vcpu = Vcpu(self, fd)
             self.vcpus.append(vcpu)
-            fd.set_cpuid2(cpuid_mod.normalize(supported, index, cfg.vcpus, tsc_deadline=tsc_deadline))
+            table = cpuid_mod.normalize(supported, index, cfg.vcpus, tsc_deadline=tsc_deadline)
+            if self.boot.cpuid_filter is not None:
+                table = self.boot.cpuid_filter(table)
+            fd.set_cpuid2(table)
             if msrs:
                 fd.set_msrs(msrs)
             vcpu.set_fpu_defaults()
             vcpu.setup_lapic()
-            if index == 0:
+            if self.boot.restore_vcpu is not None:
+                self.boot.restore_vcpu(vcpu)
+            elif index == 0:
                 vcpu.apply(self.boot.entry)
             elif self.boot.ap_entry is not None:
                 vcpu.apply(self.boot.ap_entry(index))
@@ -299,16 +307,25 @@ class Machine:
             self.t_boot = time.monotonic()
 
     @property
+    def tsc_khz(self) -> int | None:
+        """The guest TSC frequency, when KVM reports it."""
+        from .kvm.system import lib
+
+        if not self.vcpus or not self.kvm.check_extension(lib.KVM_CAP_GET_TSC_KHZ):
+            return None
+        return self.vcpus[0].fd.get_tsc_khz()
+
+    @property
     def serial_sink(self) -> Callable[[bytes], None]:
         """Where guest console text goes (Hermit's hypercalls write here too)."""
         return self.console.write
 
     @property
-    def control(self) -> "Machine":
+    def control(self) -> Machine:
         return self
 
     # ---- lifecycle --------------------------------------------------------------------
-    def start(self) -> "Machine":
+    def start(self) -> Machine:
         if self.t_started is not None:
             raise VmmError("this machine was already started; build a new one")
         self.t_started = time.monotonic()
@@ -378,6 +395,19 @@ class Machine:
         if vcpu._run is not None:
             vcpu._run.immediate_exit = 0
 
+    def snapshot(self, path: str | Path) -> Path:
+        """Save this running VM into directory ``path`` (see vmm.snapshot); it keeps running."""
+        from .snapshot import save
+
+        return save(self, path)
+
+    @classmethod
+    def restore(cls, path: str | Path, **overrides: Any) -> Machine:
+        """A new, not yet started Machine continuing the snapshot in ``path``."""
+        from .snapshot import restore
+
+        return restore(path, **overrides)
+
     def send_input(self, data: bytes) -> int:
         """Type ``data`` on the guest's serial console; returns how many bytes were queued."""
         return self.devices["serial0"].queue_input(data)
@@ -408,7 +438,7 @@ class Machine:
         if self.memory is not None:
             self.memory.close()
 
-    def __enter__(self) -> "Machine":
+    def __enter__(self) -> Machine:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -460,4 +490,4 @@ class Machine:
         }
 
 
-__all__ = ["Machine", "MachineConfig", "ImageError", "ConfigError"]
+__all__ = ["ConfigError", "ImageError", "Machine", "MachineConfig"]

@@ -15,8 +15,8 @@ from __future__ import annotations
 import mmap
 import struct
 from bisect import bisect_right
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .errors import GuestMemoryError
 
@@ -88,7 +88,7 @@ class GuestMemory:
             except BufferError:  # a view handed out earlier is still alive
                 pass
 
-    def __enter__(self) -> "GuestMemory":
+    def __enter__(self) -> GuestMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -135,7 +135,19 @@ class GuestMemory:
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         i, off = self._locate(gpa, length)
-        self._views[i][off : off + length] = bytes([byte & 0xFF]) * length
+        view = self._views[i]
+        byte &= 0xFF
+        page = mmap.PAGESIZE
+        start = off + (-off) % page
+        end = (off + length) // page * page
+        if byte == 0 and end - start >= 4 * page and hasattr(mmap, "MADV_DONTNEED"):
+            # Whole pages of anonymous private memory read back as zero after
+            # MADV_DONTNEED: no copying, and untouched pages stay unallocated.
+            view[off:start] = bytes(start - off)
+            self.regions[i].mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+            view[end : off + length] = bytes(off + length - end)
+            return
+        view[off : off + length] = bytes([byte]) * length
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A checked zero-copy view; for loaders and bulk I/O, never kept past a request."""

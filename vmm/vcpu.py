@@ -18,7 +18,7 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 from .cpustate import CpuState, Segment
-from .exitstatus import ExitReason, ExitStatus
+from .exitstatus import ExitReason
 from .kvm.system import VcpuFd, ffi, lib
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -96,7 +96,7 @@ def _set_segment(dst, seg: Segment) -> None:
 class Vcpu:
     """A vCPU of a Machine: its fd, its thread, its exit counters."""
 
-    def __init__(self, machine: "Machine", fd: VcpuFd) -> None:
+    def __init__(self, machine: Machine, fd: VcpuFd) -> None:
         self.machine = machine
         self.fd = fd
         self.index = fd.id
@@ -171,7 +171,7 @@ class Vcpu:
                 extra={"traceback": traceback.format_exc()},
             )
 
-    def _loop(self, m: "Machine") -> None:
+    def _loop(self, m: Machine) -> None:
         run = self._run
         fd = self.fd
         view = fd.run_view

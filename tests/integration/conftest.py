@@ -18,3 +18,12 @@ def kvm_available():
         Kvm().close()
     except KvmUnavailableError as exc:
         pytest.fail(f"integration tests need KVM: {exc}", pytrace=False)
+
+
+
+@pytest.fixture(scope="session")
+def debian_linux():
+    """Debian's cloud kernel and the busybox initramfs (fetched with apt, cached)."""
+    from vmm.guestkit import debian_linux
+
+    return debian_linux()

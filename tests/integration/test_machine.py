@@ -12,41 +12,12 @@ import threading
 import time
 
 import pytest
+from rawguest import CODE, COUNTER, JMP_SELF, OUT_EAX_F4, machine, mov_eax, run
 
-from vmm.boot.types import BootRequest, BootSetup
-from vmm.cpustate import CpuState
 from vmm.errors import ConfigError
 from vmm.exitstatus import ExitReason
 from vmm.hostinfo import host_info
 from vmm.machine import Machine, MachineConfig
-
-CODE = 0x10000
-COUNTER = 0x20000
-
-OUT_EAX_F4 = b"\xe7\xf4"  # out 0xf4, eax
-JMP_SELF = b"\xeb\xfe"
-
-
-def mov_eax(v: int) -> bytes:
-    return b"\xb8" + struct.pack("<I", v)
-
-
-def machine(code: bytes, **cfg) -> Machine:
-    def loader(req: BootRequest) -> BootSetup:
-        req.memory.write(CODE, code)
-        return BootSetup("raw", CpuState.flat_protected32(CODE))
-
-    cfg.setdefault("mem_mib", 4)
-    cfg.setdefault("timeout", 30)
-    return Machine(MachineConfig(kernel="<raw test code>", **cfg), loader=loader)
-
-
-def run(code: bytes, **cfg):
-    with machine(code, **cfg) as m:
-        m.start()
-        status = m.wait(60)
-        assert status is not None, "the VM did not end"
-        return status, m
 
 
 def test_debug_exit_code():
@@ -163,7 +134,7 @@ def test_device_bug_ends_the_vm_with_a_named_error():
 
 
 def test_metrics_and_summary():
-    status, m = run(mov_eax(0) + OUT_EAX_F4 + JMP_SELF)
+    _, m = run(mov_eax(0) + OUT_EAX_F4 + JMP_SELF)
     s = m.summary()
     assert s["exit"]["reason"] == "guest-exit"
     assert s["guest_exit_code"] == 0

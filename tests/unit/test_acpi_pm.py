@@ -29,7 +29,9 @@ def sleep_value(slp_typ: int, enable: bool = True) -> int:
     return (slp_typ << SLEEP_CONTROL_SLP_TYP_SHIFT) | (SLEEP_CONTROL_SLP_EN if enable else 0)
 
 
-def test_the_range_covers_exactly_the_three_layout_ports(setup: tuple[Bus, AcpiPm, RecordingVmControl]) -> None:
+def test_the_range_covers_exactly_the_three_layout_ports(
+    setup: tuple[Bus, AcpiPm, RecordingVmControl],
+) -> None:
     bus, dev, _ = setup
     for port in (layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT):
         r = bus.find(port)
@@ -56,7 +58,9 @@ def test_s5_type_without_slp_en_does_nothing(setup: tuple[Bus, AcpiPm, Recording
 
 
 @pytest.mark.parametrize("slp_typ", [t for t in range(8) if t != layout.ACPI_S5_SLP_TYP])
-def test_other_sleep_types_are_ignored_and_counted(setup: tuple[Bus, AcpiPm, RecordingVmControl], slp_typ: int) -> None:
+def test_other_sleep_types_are_ignored_and_counted(
+    setup: tuple[Bus, AcpiPm, RecordingVmControl], slp_typ: int
+) -> None:
     bus, dev, ctl = setup
     bus.write(layout.ACPI_SLEEP_CONTROL_PORT, 1, sleep_value(slp_typ))
     assert ctl.exits == []
@@ -77,7 +81,9 @@ def test_reset_value_on_the_reset_register_reboots(setup: tuple[Bus, AcpiPm, Rec
 
 
 @pytest.mark.parametrize("value", [v for v in (0x00, 0x02, 0x06, 0x0E, 0xFF) if v != layout.ACPI_RESET_VALUE])
-def test_other_reset_values_are_ignored_and_counted(setup: tuple[Bus, AcpiPm, RecordingVmControl], value: int) -> None:
+def test_other_reset_values_are_ignored_and_counted(
+    setup: tuple[Bus, AcpiPm, RecordingVmControl], value: int
+) -> None:
     bus, dev, ctl = setup
     bus.write(layout.ACPI_RESET_PORT, 1, value)
     assert ctl.exits == []
@@ -113,3 +119,9 @@ def test_bad_widths_are_ignored(size: int) -> None:
     dev.write(layout.ACPI_RESET_PORT - AcpiPm.BASE, size, layout.ACPI_RESET_VALUE)
     assert ctl.exits == []
     assert dev.stats.ignored_accesses == 2
+
+
+def test_metrics() -> None:
+    dev = AcpiPm(RecordingVmControl())
+    dev.write(layout.ACPI_RESET_PORT - AcpiPm.BASE, 1, layout.ACPI_RESET_VALUE)
+    assert dev.metrics()["resets"] == 1

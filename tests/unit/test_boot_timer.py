@@ -28,14 +28,18 @@ def test_magic_write_notes_the_boot_time(setup: tuple[Bus, BootTimer, RecordingV
 
 
 @pytest.mark.parametrize("value", [0, 122, 124, 0xFF, 123 << 8])
-def test_other_values_are_ignored_and_counted(setup: tuple[Bus, BootTimer, RecordingVmControl], value: int) -> None:
+def test_other_values_are_ignored_and_counted(
+    setup: tuple[Bus, BootTimer, RecordingVmControl], value: int
+) -> None:
     bus, dev, ctl = setup
     bus.write(layout.BOOT_TIMER_PORT, 2, value)
     assert ctl.boot_times == 0
     assert dev.ignored_writes == 1
 
 
-def test_the_value_is_compared_as_written_at_any_width(setup: tuple[Bus, BootTimer, RecordingVmControl]) -> None:
+def test_the_value_is_compared_as_written_at_any_width(
+    setup: tuple[Bus, BootTimer, RecordingVmControl],
+) -> None:
     bus, _, ctl = setup
     bus.write(layout.BOOT_TIMER_PORT, 2, layout.BOOT_TIMER_MAGIC)
     bus.write(layout.BOOT_TIMER_PORT, 4, layout.BOOT_TIMER_MAGIC)
@@ -61,3 +65,10 @@ def test_write_off_the_port_or_without_width_is_ignored() -> None:
     dev.write(1, 1, layout.BOOT_TIMER_MAGIC)
     dev.write(0, 0, layout.BOOT_TIMER_MAGIC)
     assert ctl.boot_times == 0 and dev.ignored_writes == 2
+
+
+def test_metrics() -> None:
+    dev = BootTimer(RecordingVmControl())
+    dev.write(0, 1, layout.BOOT_TIMER_MAGIC)
+    dev.write(0, 1, 7)
+    assert dev.metrics() == {"signals": 1, "ignored_writes": 1}

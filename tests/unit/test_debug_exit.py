@@ -57,3 +57,9 @@ def test_zero_width_write_is_ignored() -> None:
     ctl = RecordingVmControl()
     DebugExit(ctl).write(0, 0, 5)
     assert ctl.exits == []
+
+
+def test_metrics_count_exit_requests() -> None:
+    dev = DebugExit(RecordingVmControl())
+    dev.write(0, 1, 0)
+    assert dev.metrics() == {"exits": 1}

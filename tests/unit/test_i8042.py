@@ -130,3 +130,10 @@ def test_bad_widths_are_ignored(ctl: RecordingVmControl, size: int) -> None:
     kbd.command_port.write(0, size, I8042_CMD_RESET_CPU)
     assert ctl.exits == []
     assert kbd.stats.ignored_accesses == 2
+
+
+def test_metrics(ctl: RecordingVmControl) -> None:
+    kbd = I8042(ctl)
+    kbd.command_port.write(0, 1, 0x20)
+    kbd.command_port.write(0, 1, I8042_CMD_RESET_CPU)
+    assert kbd.metrics() == {"resets": 1, "unknown_commands": 1, "data_writes": 0, "ignored_accesses": 0}

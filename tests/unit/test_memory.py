@@ -96,3 +96,11 @@ def test_x86_layout_splits_around_hole():
 def test_size_and_end(mem):
     assert mem.size == 20 * PAGE
     assert mem.end == 0x10000000 + 4 * PAGE
+
+
+def test_fill_zero_large_unaligned_range(mem):
+    mem.fill(0, 16 * PAGE, 0x55)
+    mem.fill(100, 10 * PAGE, 0)
+    assert mem.read(0, 100) == b"\x55" * 100
+    assert mem.read(100, 10 * PAGE) == bytes(10 * PAGE)
+    assert mem.read(100 + 10 * PAGE, 16 * PAGE - 100 - 10 * PAGE) == b"\x55" * (6 * PAGE - 100)

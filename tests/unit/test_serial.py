@@ -676,3 +676,12 @@ def test_bench_reports_operations() -> None:
     assert result.operations_per_second > 0
     with pytest.raises(ValueError, match="rounds"):
         bench_uart_register_ops(rounds=0)
+
+
+def test_metrics_report_counters_and_levels() -> None:
+    u = Uart(input_queue_limit=64)
+    u.w(UART_THR, ord("a"))
+    u.dev.queue_input(b"xyz")
+    m = u.dev.metrics()
+    assert m["tx_bytes"] == 1 and m["received"] == 1
+    assert m["rx_fifo_level"] == 1 and m["pending_input"] == 2

@@ -126,7 +126,7 @@ class ElfImage:
         return ImageError(self.path, problem)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ElfImage":
+    def from_file(cls, path: str | Path) -> ElfImage:
         try:
             data = Path(path).read_bytes()
         except OSError as exc:
@@ -194,6 +194,10 @@ class ElfImage:
             name = strtab[name_off:end].decode("latin-1") if 0 <= name_off < len(strtab) and end >= 0 else ""
             out.append(SectionHeader(name, typ, flags, addr, offset, sz))
         return out
+
+    def section_bytes(self, sh: SectionHeader) -> bytes:
+        """The file contents of a section (checked against the file's length)."""
+        return self._slice(sh.offset, sh.size, f"section {sh.name or '?'}")
 
     # ---- notes --------------------------------------------------------------
     def notes(self) -> list[Note]:

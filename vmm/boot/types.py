@@ -52,6 +52,11 @@ class BootRequest:
     direct_elf: bool = False
     #: Where decompressed payloads are cached (by sha256); None means the default.
     cache_dir: Path | None = None
+    #: Environment variables for guests whose protocol passes them (Hermit/uhyve).
+    env: dict[str, str] = field(default_factory=dict)
+    #: Host directory a Hermit guest may open files in through uhyve's file
+    #: hypercalls (None: every open fails with ENOENT).
+    hermit_fs_root: Path | None = None
 
 
 @dataclass
@@ -70,5 +75,10 @@ class BootSetup:
     #: Called with the Machine once it exists, to attach protocol devices
     #: (e.g. Hermit's hypercall ports).
     attach: Callable[[Any], None] | None = None
+    #: Set a vCPU's whole state instead of entering at ``entry`` (snapshot restore).
+    restore_vcpu: Callable[[Any], None] | None = None
+    #: Applied to each vCPU's CPUID table after the VMM's normalisation (a
+    #: protocol's own CPUID conventions, e.g. uhyve's).
+    cpuid_filter: Callable[[list[Any]], list[Any]] | None = None
     #: Facts for summaries, errors and tests (kernel version, load addresses, ...).
     details: dict[str, Any] = field(default_factory=dict)

@@ -40,7 +40,9 @@ SLEEP_STATUS_WAK_STS = 0x80
 #: The bus range: from the lowest to the highest of the three ports.
 ACPI_PM_BASE = min(layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT)
 ACPI_PM_SIZE = (
-    max(layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT) - ACPI_PM_BASE + 1
+    max(layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT)
+    - ACPI_PM_BASE
+    + 1
 )
 SLEEP_CONTROL_OFFSET = layout.ACPI_SLEEP_CONTROL_PORT - ACPI_PM_BASE
 SLEEP_STATUS_OFFSET = layout.ACPI_SLEEP_STATUS_PORT - ACPI_PM_BASE
@@ -75,6 +77,10 @@ class AcpiPm:
         #: The sleep type most recently written to the Sleep Control Register.
         self.last_slp_typ: int | None = None
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return self.stats.as_dict()
+
     def read(self, offset: int, size: int) -> int:
         with self._lock:
             if not valid_size(size):
@@ -108,7 +114,10 @@ class AcpiPm:
             if slp_typ == layout.ACPI_S5_SLP_TYP:
                 self.stats.poweroffs += 1
                 requests.append(
-                    (ExitReason.POWEROFF, f"ACPI: SLP_EN with SLP_TYP {slp_typ} (S5) written to the sleep control register")
+                    (
+                        ExitReason.POWEROFF,
+                        f"ACPI: SLP_EN with SLP_TYP {slp_typ} (S5) written to the sleep control register",
+                    )
                 )
             else:
                 self.stats.unsupported_sleeps += 1
@@ -117,7 +126,9 @@ class AcpiPm:
         elif offset == RESET_OFFSET:
             if value == layout.ACPI_RESET_VALUE:
                 self.stats.resets += 1
-                requests.append((ExitReason.REBOOT, f"ACPI: RESET_VALUE {value:#x} written to the reset register"))
+                requests.append(
+                    (ExitReason.REBOOT, f"ACPI: RESET_VALUE {value:#x} written to the reset register")
+                )
             else:
                 self.stats.ignored_resets += 1
         else:

@@ -27,6 +27,10 @@ class BootTimer:
         #: Writes of any other value.
         self.ignored_writes = 0
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return {"signals": self.signals, "ignored_writes": self.ignored_writes}
+
     def read(self, offset: int, size: int) -> int:
         return 0
 

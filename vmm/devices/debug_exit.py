@@ -29,6 +29,10 @@ class DebugExit:
         #: The code of the last write, for diagnostics.
         self.last_code: int | None = None
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return {"exits": self.exits}
+
     def read(self, offset: int, size: int) -> int:
         return 0
 

@@ -82,6 +82,18 @@ class I8042:
             bus.register(command_port, 1, self.command_port, "i8042-command"),
         ]
 
+    def metrics(self) -> dict[str, int]:
+        with self._lock:
+            return self.stats.as_dict()
+
+    def save_state(self) -> dict:
+        with self._lock:
+            return {"last_write_was_command": self._last_write_was_command}
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            self._last_write_was_command = bool(state["last_write_was_command"])
+
     @property
     def status(self) -> int:
         """The status register as a guest reads it from the command port."""

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from ..irq import IrqLine
 from .byteio import UNDECODED_BYTE, split_read, split_write, valid_size
@@ -186,7 +186,7 @@ class Serial:
     def __init__(
         self,
         irq: IrqLine,
-        output: Optional[OutputSink] = None,
+        output: OutputSink | None = None,
         *,
         input_queue_limit: int = DEFAULT_INPUT_QUEUE_LIMIT,
     ) -> None:
@@ -272,12 +272,39 @@ class Serial:
             self._update_irq()
             return taken
 
+    # ---- snapshots ---------------------------------------------------------------
+
+    _STATE_FIELDS = (
+        "_ier", "_lcr", "_mcr", "_scr", "_dll", "_dlm", "_fifo_enabled", "_trigger",
+        "_lsr_errors", "_msr_delta", "_thre_pending", "_external_modem_inputs",
+    )
+
+    def save_state(self) -> dict:
+        """Registers, receiver FIFO and pending host input, as plain data (for snapshots)."""
+        with self._lock:
+            state = {name.lstrip("_"): getattr(self, name) for name in self._STATE_FIELDS}
+            state["rx"] = bytes(self._rx).hex()
+            state["host_queue"] = bytes(self._host_queue).hex()
+            return state
+
+    def load_state(self, state: dict) -> None:
+        """Restore what ``save_state`` returned, and the interrupt line it implies."""
+        with self._lock:
+            for name in self._STATE_FIELDS:
+                setattr(self, name, state[name.lstrip("_")])
+            self._rx = bytearray(bytes.fromhex(state["rx"]))
+            self._host_queue = bytearray(bytes.fromhex(state["host_queue"]))
+            self._update_irq()
+
     def set_modem_inputs(self, *, cts: bool, dsr: bool, ri: bool, dcd: bool) -> None:
         """Drive the CTS/DSR/RI/DCD inputs (seen by the guest outside loopback)."""
         with self._lock:
             old = self._modem_inputs()
             self._external_modem_inputs = (
-                (MSR_CTS if cts else 0) | (MSR_DSR if dsr else 0) | (MSR_RI if ri else 0) | (MSR_DCD if dcd else 0)
+                (MSR_CTS if cts else 0)
+                | (MSR_DSR if dsr else 0)
+                | (MSR_RI if ri else 0)
+                | (MSR_DCD if dcd else 0)
             )
             self._note_modem_change(old, self._modem_inputs())
             self._update_irq()
@@ -293,6 +320,15 @@ class Serial:
             self._reset_registers()
             self._refill()
             self._update_irq()
+
+    def metrics(self) -> dict[str, int]:
+        """Counters and levels, for the machine's metrics."""
+        with self._lock:
+            return {
+                **self.stats.as_dict(),
+                "rx_fifo_level": len(self._rx),
+                "pending_input": len(self._host_queue),
+            }
 
     @property
     def irq_level(self) -> bool:

@@ -9,4 +9,4 @@ from __future__ import annotations
 
 from .system import Kvm, VcpuFd, VmFd, ffi, lib, open_kvm
 
-__all__ = ["Kvm", "VmFd", "VcpuFd", "ffi", "lib", "open_kvm"]
+__all__ = ["Kvm", "VcpuFd", "VmFd", "ffi", "lib", "open_kvm"]

@@ -8,7 +8,13 @@ in a declaration asks cffi to take the rest of the layout from the header.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 from cffi import FFI
+
+#: Hash of this file, compiled into the extension so that stale bindings are detected.
+BUILD_HASH = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
 
 CDEF = r"""
 /* ---- ioctl numbers (values come from the header) ---- */
@@ -61,6 +67,7 @@ CDEF = r"""
 #define KVM_TRANSLATE ...
 #define KVM_SET_GUEST_DEBUG ...
 #define KVM_KVMCLOCK_CTRL ...
+#define KVM_GET_TSC_KHZ ...
 
 /* ---- capabilities ---- */
 #define KVM_CAP_IRQCHIP ...
@@ -84,6 +91,7 @@ CDEF = r"""
 #define KVM_CAP_TSC_DEADLINE_TIMER ...
 #define KVM_CAP_SET_IDENTITY_MAP_ADDR ...
 #define KVM_CAP_MP_STATE ...
+#define KVM_CAP_GET_TSC_KHZ ...
 
 /* ---- exit reasons ---- */
 #define KVM_EXIT_UNKNOWN ...
@@ -356,6 +364,7 @@ int mvm_ioctl_int(int fd, unsigned long request, unsigned long arg);
 int mvm_kvm_run(int fd);
 int mvm_install_kick_handler(int signo);
 int mvm_run_offset_io_data(void);
+const char *mvm_build_hash(void);
 """
 
 SOURCE = r"""
@@ -406,7 +415,8 @@ static int mvm_run_offset_io_data(void) { return sizeof(struct kvm_run); }
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
 ffibuilder.set_source(
-    "vmm.kvm._kvm", SOURCE, extra_compile_args=["-Wno-incompatible-pointer-types"]
+    "vmm.kvm._kvm",
+    SOURCE + f'\nstatic const char *mvm_build_hash(void) {{ return "{BUILD_HASH}"; }}\n', extra_compile_args=["-Wno-incompatible-pointer-types"]
 )
 
 if __name__ == "__main__":

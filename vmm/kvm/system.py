@@ -10,8 +10,8 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from ..errors import KvmIoctlError, KvmUnavailableError
 
@@ -23,6 +23,26 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "with `pip install -e .` (needs gcc, the Python headers and <linux/kvm.h> "
         f"from linux-libc-dev) ({exc})"
     ) from exc
+
+def _check_fresh() -> None:
+    import hashlib
+    from pathlib import Path
+
+    built = ffi.string(lib.mvm_build_hash()).decode()
+    source = hashlib.sha256((Path(__file__).with_name("_build.py")).read_bytes()).hexdigest()[:16]
+    if built != source:
+        raise KvmUnavailableError(
+            "the compiled KVM bindings (vmm.kvm._kvm) are older than vmm/kvm/_build.py: "
+            "rebuild them with `pip install -e .`"
+        )
+
+
+try:
+    _check_fresh()
+except AttributeError:  # built before the hash existed
+    raise KvmUnavailableError(
+        "the compiled KVM bindings (vmm.kvm._kvm) are stale: rebuild them with `pip install -e .`"
+    ) from None
 
 KVM_API_VERSION = 12
 MAX_CPUID_ENTRIES = 256
@@ -48,7 +68,7 @@ class CpuidEntry:
     edx: int
 
 
-def open_kvm(path: str = DEFAULT_KVM_PATH) -> "Kvm":
+def open_kvm(path: str = DEFAULT_KVM_PATH) -> Kvm:
     return Kvm(path)
 
 
@@ -89,7 +109,7 @@ class Kvm:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> "Kvm":
+    def __enter__(self) -> Kvm:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -121,7 +141,7 @@ class Kvm:
         _check("KVM_GET_MSR_INDEX_LIST", lib.mvm_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf))
         return [buf.indices[i] for i in range(buf.nmsrs)]
 
-    def create_vm(self) -> "VmFd":
+    def create_vm(self) -> VmFd:
         fd = _check("KVM_CREATE_VM", lib.mvm_ioctl_int(self.fd, lib.KVM_CREATE_VM, 0))
         os.set_inheritable(fd, False)
         return VmFd(self, fd)
@@ -253,7 +273,7 @@ class VmFd:
             p.args[i] = a
         _check("KVM_ENABLE_CAP", lib.mvm_ioctl(self.fd, lib.KVM_ENABLE_CAP, p), f"cap {cap}")
 
-    def create_vcpu(self, vcpu_id: int) -> "VcpuFd":
+    def create_vcpu(self, vcpu_id: int) -> VcpuFd:
         fd = _check(
             "KVM_CREATE_VCPU", lib.mvm_ioctl_int(self.fd, lib.KVM_CREATE_VCPU, vcpu_id), f"vCPU {vcpu_id}"
         )
@@ -376,6 +396,10 @@ class VcpuFd:
     def set_mp_state(self, state: int) -> None:
         p = ffi.new("struct kvm_mp_state *", {"mp_state": state})
         _check("KVM_SET_MP_STATE", lib.mvm_ioctl(self.fd, lib.KVM_SET_MP_STATE, p))
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency in kHz (KVM_GET_TSC_KHZ)."""
+        return _check("KVM_GET_TSC_KHZ", lib.mvm_ioctl_int(self.fd, lib.KVM_GET_TSC_KHZ, 0))
 
     def translate(self, linear_address: int) -> tuple[int, bool]:
         """KVM_TRANSLATE: guest-virtual to guest-physical with the vCPU's page tables."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ...errors import ConfigError
+from ...errors import ConfigError, DeviceError
 from ...layout import VIRTIO_MMIO_SIZE
 from .device import VirtioDevice
 from .mmio import VirtioMmioTransport
@@ -44,12 +44,19 @@ def build_device(spec: Any) -> VirtioDevice:
     return factory(spec)
 
 
+#: The `microvm run` option behind each device kind, for error messages.
+CLI_OPTIONS = {"blk": "--disk", "rng": "--rng", "net": "--net", "console": "--console", "vsock": "--vsock"}
+
+
 def attach_virtio_device(machine: Any, spec: Any, index: int, base: int, gsi: int) -> tuple[str, VirtioMmioTransport]:
     """Build ``spec``'s device, put it behind a transport at ``base`` on ``gsi``; returns (name, transport).
 
     ``machine`` provides ``memory``, ``mmio_bus`` and ``irq_line(gsi)``.
     """
-    device = build_device(spec)
+    try:
+        device = build_device(spec)
+    except DeviceError as exc:
+        raise ConfigError(f"{CLI_OPTIONS.get(spec.kind, spec.kind)}: {exc}") from None
     name = f"virtio-{device.name}{index}"
     try:
         transport = VirtioMmioTransport(device, machine.memory, machine.irq_line(gsi), name=name)
