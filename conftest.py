@@ -22,6 +22,8 @@ if settings is not None:
         # No "explain" phase: it re-runs a failure under a line tracer, which costs minutes on
         # the stateful device fuzzers and adds nothing the falsifying program does not show.
         phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        # One bug at a time: shrinking several distinct failures of a broken device takes minutes.
+        report_multiple_bugs=False,
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

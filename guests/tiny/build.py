@@ -53,6 +53,7 @@ GUESTS = (
     "portloop",
     "mmioloop",
     "smp",
+    "fuzzagent",
 )
 #: Image formats and their file names.
 FORMATS = {

@@ -55,7 +55,7 @@ class TracingGuestMemory:
     an attempt is what the "no access while not ready" oracle must see.
     """
 
-    def __init__(self, inner: GuestMemory, *, limit: int = 1 << 20) -> None:
+    def __init__(self, inner: GuestMemory, *, limit: int = 1 << 20, max_reads: int = 5_000) -> None:
         self.inner = inner
         self.regions = inner.regions
         self.log: list[Access] = []
@@ -64,12 +64,16 @@ class TracingGuestMemory:
         self.overflowed = False
         self._read_hooks: list[ReadHook] = []
         self._reads = 0
+        #: Reads allowed between two ``clear()`` calls: more is unbounded work (a loop a device did not cut).
+        self.max_reads = max_reads
+        self._reads_since_clear = 0
         self.enabled = True
 
     # ---- tracing control ---------------------------------------------------
     def clear(self) -> None:
         self.log.clear()
         self.overflowed = False
+        self._reads_since_clear = 0
 
     def add_read_hook(self, hook: ReadHook) -> None:
         self._read_hooks.append(hook)
@@ -95,6 +99,11 @@ class TracingGuestMemory:
             return
         n = self._reads
         self._reads += 1
+        self._reads_since_clear += 1
+        if self._reads_since_clear > self.max_reads:
+            from .oracles import violation
+
+            raise violation("bounded-work-per-kick", f"more than {self.max_reads} guest reads in one step (last at {gpa:#x})")
         for hook in self._read_hooks:
             hook(n, gpa, length)
         self._note(READ, gpa, length)

@@ -23,7 +23,7 @@ class FuzzMachine(RuleBasedStateMachine):
     #: The name ``microvm fuzz`` and the docs use for this machine.
     target = ""
     #: Seconds one step may take before the watchdog calls it a hang.
-    step_budget = 5.0
+    step_budget = 2.0
     #: Check host-memory growth per step (tracemalloc slows the run about twofold).
     check_memory = True
 
