@@ -55,27 +55,53 @@ MUTATIONS = (
     Mutation(
         "indirect-in-indirect",
         "an INDIRECT descriptor inside an indirect table is followed",
-        ((QUEUE, "                if indirect:\n                    raise self._fail(\"indirect-nested\"", "                if False:\n                    raise self._fail(\"indirect-nested\""),),
+        (
+            (
+                QUEUE,
+                '                if indirect:\n                    raise self._fail("indirect-nested"',
+                '                if False:\n                    raise self._fail("indirect-nested"',
+            ),
+        ),
         VIRTIO_TESTS,
     ),
     Mutation(
         "address-overflow-check",
         "a buffer's address+length is not checked against guest RAM when the chain is parsed",
-        ((QUEUE, "                if not mem.contains(addr, length):\n                    raise self._fail(\n                        \"buffer-outside-ram\"", "                if False:\n                    raise self._fail(\n                        \"buffer-outside-ram\""),),
+        (
+            (
+                QUEUE,
+                '                if not mem.contains(addr, length):\n                    raise self._fail(\n                        "buffer-outside-ram"',
+                '                if False:\n                    raise self._fail(\n                        "buffer-outside-ram"',
+            ),
+        ),
         VIRTIO_TESTS,
     ),
     Mutation(
         "uart-fifo-bound",
         "the receiver FIFO holds one byte more than 16",
-        ((SERIAL, "        if len(self._rx) < self._rx_capacity():\n", "        if len(self._rx) <= self._rx_capacity():\n"),),
+        (
+            (
+                SERIAL,
+                "        if len(self._rx) < self._rx_capacity():\n",
+                "        if len(self._rx) <= self._rx_capacity():\n",
+            ),
+        ),
         ("tests/fuzz/test_uart_fuzz.py",),
     ),
     Mutation(
         "not-ready-check",
         "a notification reaches a queue whose QueueReady is 0",
         (
-            (MMIO, "        if not q.ready:\n            self.faults[\"notify-queue-not-ready\"]", "        if False:\n            self.faults[\"notify-queue-not-ready\"]"),
-            (QUEUE, "        if not self.ready or self.broken:\n            return 0", "        if self.broken or not self.size:\n            return 0"),
+            (
+                MMIO,
+                '        if not q.ready:\n            self.faults["notify-queue-not-ready"]',
+                '        if False:\n            self.faults["notify-queue-not-ready"]',
+            ),
+            (
+                QUEUE,
+                "        if not self.ready or self.broken:\n            return 0",
+                "        if self.broken or not self.size:\n            return 0",
+            ),
         ),
         VIRTIO_TESTS,
     ),
@@ -94,7 +120,13 @@ MUTATIONS = (
     Mutation(
         "event-idx-rule",
         "with EVENT_IDX the device notifies one entry late",
-        ((QUEUE, "need = ((new - used_event - 1) & U16_MASK) < ((new - old) & U16_MASK)", "need = ((new - used_event - 2) & U16_MASK) < ((new - old) & U16_MASK)"),),
+        (
+            (
+                QUEUE,
+                "need = ((new - used_event - 1) & U16_MASK) < ((new - old) & U16_MASK)",
+                "need = ((new - used_event - 2) & U16_MASK) < ((new - old) & U16_MASK)",
+            ),
+        ),
         VIRTIO_TESTS,
     ),
     Mutation(
@@ -106,13 +138,25 @@ MUTATIONS = (
     Mutation(
         "blk-capacity",
         "a request ending past the disk's capacity reaches the file",
-        ((BLK, "        if sector > self.capacity or nbytes // SECTOR_SIZE > self.capacity - sector:\n", "        if sector > self.capacity:\n"),),
+        (
+            (
+                BLK,
+                "        if sector > self.capacity or nbytes // SECTOR_SIZE > self.capacity - sector:\n",
+                "        if sector > self.capacity:\n",
+            ),
+        ),
         ("tests/fuzz/test_virtio_fuzz.py",),
     ),
     Mutation(
         "uart-thre-rearm",
         "a THR write does not re-arm the THRE interrupt",
-        ((SERIAL, "        # ... and the character leaves at once, so THR is empty again.\n        self._thre_pending = True\n", "        # ... and the character leaves at once, so THR is empty again.\n"),),
+        (
+            (
+                SERIAL,
+                "        # ... and the character leaves at once, so THR is empty again.\n        self._thre_pending = True\n",
+                "        # ... and the character leaves at once, so THR is empty again.\n",
+            ),
+        ),
         ("tests/fuzz/test_uart_fuzz.py",),
     ),
 )
@@ -122,7 +166,9 @@ def copy_tree(dst: Path) -> None:
     """The files git knows about (tracked and untracked-not-ignored), copied into ``dst``."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=ROOT, check=True, capture_output=True,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
     ).stdout.split(b"\0")
     for raw in files:
         if not raw:
@@ -154,17 +200,30 @@ def run_one(m: Mutation, timeout: float) -> tuple[str, float, str]:
         apply(tree, m)
         env = {**os.environ, "PYTHONPATH": str(tree), "HYPOTHESIS_PROFILE": "ci"}
         cmd = [
-            sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:randomly",
-            "--hypothesis-profile=ci", "--rootdir", str(tree), *m.tests,
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:randomly",
+            "--hypothesis-profile=ci",
+            "--rootdir",
+            str(tree),
+            *m.tests,
         ]
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             return "survived (timeout)", time.monotonic() - t0, ""
         took = time.monotonic() - t0
         out = proc.stdout + proc.stderr
-        found = next((line.strip() for line in out.splitlines() if "InvariantViolation" in line or "StepTimeout" in line), "")
+        found = next(
+            (line.strip() for line in out.splitlines() if "InvariantViolation" in line or "StepTimeout" in line), ""
+        )
         if proc.returncode == 1 and " failed" in out:
             return "killed", took, found
         if proc.returncode == 0:

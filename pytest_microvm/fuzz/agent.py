@@ -166,7 +166,12 @@ def run_microvm(ops: list[AgentOp], *, timeout: float = 60.0) -> AgentRun:
         f.flush()
         cmdline = f"fz_vbase={base:#x} fz_vstride={layout.VIRTIO_MMIO_SIZE:#x} fz_vcount=1 fz_vdev={RNG_DEVICE_ID}"
         config = MachineConfig(
-            kernel=agent_image(), initrd=f.name, cmdline=cmdline, mem_mib=AGENT_MEM_MIB, timeout=timeout, devices=[RngSpec()]
+            kernel=agent_image(),
+            initrd=f.name,
+            cmdline=cmdline,
+            mem_mib=AGENT_MEM_MIB,
+            timeout=timeout,
+            devices=[RngSpec()],
         )
         with Machine(config) as m:
             m.start()
@@ -193,7 +198,7 @@ def run_qemu(ops: list[AgentOp], *, timeout: float = 60.0) -> AgentRun:
             "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
         ]  # fmt: skip
         try:
-            proc = subprocess.run(cmd, capture_output=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
         except subprocess.TimeoutExpired as e:
             out = (e.stdout or b"").decode("latin-1")
             return AgentRun([], None, out)

@@ -71,7 +71,9 @@ def _ensure_profiles() -> None:
         )
 
 
-def _worker(target: str, job: int, seed: int, deadline: float, max_examples: int | None, db: str, out: str, q: Any) -> None:
+def _worker(
+    target: str, job: int, seed: int, deadline: float, max_examples: int | None, db: str, out: str, q: Any
+) -> None:
     """One job: rounds until the budget is spent or a failure is found; reports over ``q``."""
     from hypothesis import settings
     from hypothesis.database import DirectoryBasedExampleDatabase
@@ -96,7 +98,9 @@ def _worker(target: str, job: int, seed: int, deadline: float, max_examples: int
         try:
             run_state_machine_as_test(
                 machine,
-                settings=settings(settings.get_profile("campaign"), max_examples=n, database=database, derandomize=False),
+                settings=settings(
+                    settings.get_profile("campaign"), max_examples=n, database=database, derandomize=False
+                ),
             )
         except Exception as exc:  # a finding (InvariantViolation, or anything else escaping)
             failure = exc
@@ -140,7 +144,12 @@ def run_campaign(
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(target, j, seed, deadline, per_job, db, out, q), name=f"fuzz-{target}-{j}", daemon=True)
+        ctx.Process(
+            target=_worker,
+            args=(target, j, seed, deadline, per_job, db, out, q),
+            name=f"fuzz-{target}-{j}",
+            daemon=True,
+        )
         for j in range(jobs)
     ]
     for p in procs:

@@ -175,13 +175,26 @@ class MemoryBound:
         if grown > self.net + allowance:
             raise violation("bounded-host-memory", f"{what}: host memory grew by {grown} bytes in one step")
         if peak - base > self.peak + allowance:
-            raise violation("bounded-host-memory", f"{what}: host memory peaked {peak - base} bytes above the step's start")
+            raise violation(
+                "bounded-host-memory", f"{what}: host memory peaked {peak - base} bytes above the step's start"
+            )
 
 
 #: Allocations that are not the device's: once per process (imports, the runtime's caches) or
 #: Hypothesis's own line tracer, which runs inside the step while it explains a failure.
-_ONE_TIME = ("*/hypothesis/*", "<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>", "*/importlib/*", "*/linecache.py",
-             "*/logging/__init__.py", "*/re/*", "*/sre_*.py", "*/functools.py", "*/typing.py", "*/inspect.py")
+_ONE_TIME = (
+    "*/hypothesis/*",
+    "<frozen importlib._bootstrap>",
+    "<frozen importlib._bootstrap_external>",
+    "*/importlib/*",
+    "*/linecache.py",
+    "*/logging/__init__.py",
+    "*/re/*",
+    "*/sre_*.py",
+    "*/functools.py",
+    "*/typing.py",
+    "*/inspect.py",
+)
 
 
 def _steady_growth(snapshot: tracemalloc.Snapshot) -> int:

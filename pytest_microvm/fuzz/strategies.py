@@ -47,14 +47,14 @@ VALID_SIZES = (1, 2, 4, 8)
 ODD_SIZES = (0, 3, 5, 16)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def access_sizes(*, odd: bool = True) -> st.SearchStrategy[int]:
     """Access widths: mostly 1/2/4/8; with ``odd``, sometimes a width no bus produces."""
     valid = st.sampled_from(VALID_SIZES)
     return st.one_of(valid, valid, valid, st.sampled_from(ODD_SIZES)) if odd else valid
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def interesting_ints(bits: int) -> st.SearchStrategy[int]:
     """Values at the edges of a ``bits``-wide field: 0, 1, all ones, powers of two and their neighbours."""
     top = (1 << bits) - 1
@@ -72,7 +72,7 @@ class Access:
     value: int = 0
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def port_accesses(span: int, *, beyond: int = 8, odd_sizes: bool = True) -> st.SearchStrategy[Access]:
     """Reads and writes at offsets 0..span-1 (and up to ``beyond`` past the end), any width."""
     offsets = st.one_of(st.integers(0, span - 1), st.integers(0, span - 1), st.integers(0, span + beyond - 1))
@@ -93,14 +93,14 @@ VIRTIO_MMIO_REGISTERS = (
 )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def virtio_register_values() -> st.SearchStrategy[int]:
     """32-bit values that matter to some register: status bit sets, queue indices, sizes, addresses."""
     status_bits = st.lists(st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128]), max_size=8).map(sum)
     return st.one_of(status_bits, st.integers(0, 4), interesting_ints(32))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mmio_accesses(window: int = 0x200, *, config_size: int = 0x40) -> st.SearchStrategy[Access]:
     """virtio-mmio accesses: defined registers at any width and alignment, undefined offsets, config space."""
     offsets = st.one_of(
@@ -116,12 +116,14 @@ def mmio_accesses(window: int = 0x200, *, config_size: int = 0x40) -> st.SearchS
 # ---- UART (checklist 19-21) ------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def uart_values() -> st.SearchStrategy[int]:
     """Byte values with the register bits that matter: DLAB, FIFO enable/reset/trigger, LOOP, OUT2, IER bits."""
     return st.one_of(
         st.integers(0, 255),
-        st.sampled_from([0x00, 0x01, 0x03, 0x07, 0x0F, 0x80, 0x83, 0xC7, 0x47, 0x87, 0x08, 0x0B, 0x10, 0x18, 0x1F, 0xFF]),
+        st.sampled_from(
+            [0x00, 0x01, 0x03, 0x07, 0x0F, 0x80, 0x83, 0xC7, 0x47, 0x87, 0x08, 0x0B, 0x10, 0x18, 0x1F, 0xFF]
+        ),
     )
 
 
@@ -170,7 +172,7 @@ def uart_programs(draw: st.DrawFn, max_ops: int = 24) -> list[Access | HostEvent
     return ops
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _uart_ops() -> st.SearchStrategy[Access | HostEvent]:
     return st.one_of(
         st.builds(Access, kind=st.sampled_from("rw"), offset=st.integers(0, 7), size=st.just(1), value=uart_values()),
@@ -183,7 +185,7 @@ def _uart_ops() -> st.SearchStrategy[Access | HostEvent]:
 # ---- i8042 (checklist 22) ---------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def i8042_accesses() -> st.SearchStrategy[tuple[str, Access]]:
     """(port, access) on the controller's data or command port: reset commands, unknown ones, wide I/O."""
     values = st.one_of(st.sampled_from([0xFE, 0xF0, 0xFF, 0xFC, 0xAA, 0xAD, 0xD1, 0x20, 0x60]), interesting_ints(32))
@@ -196,7 +198,7 @@ def i8042_accesses() -> st.SearchStrategy[tuple[str, Access]]:
 # ---- split virtqueues (checklist 5, 6, 8-15) ----------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def queue_sizes(max_size: int) -> st.SearchStrategy[int]:
     """QueueNum values: valid powers of two up to ``max_size`` and the invalid ones (0, odd, too big, u32 edges)."""
     valid = [1 << i for i in range(max_size.bit_length()) if 1 << i <= max_size]
@@ -366,7 +368,15 @@ def descriptor_chains(
         indirect_ok = indirect_table is not None and draw(st.booleans())
         fault = draw(st.sampled_from(INDIRECT_FAULTS if indirect_ok else CHAIN_FAULTS))
     use_indirect = indirect_table is not None and (
-        fault in ("indirect-next", "indirect-nested", "indirect-bad-length", "indirect-huge", "indirect-inner-next", "indirect-loop")
+        fault
+        in (
+            "indirect-next",
+            "indirect-nested",
+            "indirect-bad-length",
+            "indirect-huge",
+            "indirect-inner-next",
+            "indirect-loop",
+        )
         or (fault is None and draw(st.booleans()))
     )
     if fault == "too-long" and not use_indirect:
@@ -387,7 +397,9 @@ def descriptor_chains(
         bufs = [Desc(b.addr, b.length, VIRTQ_DESC_F_WRITE, 0) for b in bufs[:1]] + [Desc(bufs[-1].addr, 4, 0, 0)]
     elif fault == "unknown-flags":
         i = draw(st.integers(0, len(bufs) - 1))
-        bufs[i] = Desc(bufs[i].addr, bufs[i].length, bufs[i].flags | draw(st.sampled_from([0x8, 0x10, 0x80, 0x8000])), 0)
+        bufs[i] = Desc(
+            bufs[i].addr, bufs[i].length, bufs[i].flags | draw(st.sampled_from([0x8, 0x10, 0x80, 0x8000])), 0
+        )
     elif fault == "at-ring":
         i = draw(st.integers(0, len(bufs) - 1))
         bufs[i] = Desc(ring_addr, max(bufs[i].length, 16), bufs[i].flags, 0)
@@ -396,7 +408,14 @@ def descriptor_chains(
         out = []
         for k, d in enumerate(descs):
             last = k == len(descs) - 1
-            out.append(Desc(d.addr, d.length, (d.flags & ~VIRTQ_DESC_F_NEXT) | (0 if last else VIRTQ_DESC_F_NEXT), 0 if last else positions[k + 1]))
+            out.append(
+                Desc(
+                    d.addr,
+                    d.length,
+                    (d.flags & ~VIRTQ_DESC_F_NEXT) | (0 if last else VIRTQ_DESC_F_NEXT),
+                    0 if last else positions[k + 1],
+                )
+            )
         return out
 
     plan = ChainPlan(head=0, kind=f"almost:{fault}" if fault else "valid")
@@ -406,7 +425,12 @@ def descriptor_chains(
             return ChainPlan(head=draw(st.integers(0, size - 1)), kind="no-free-descriptor")
         inner = link(bufs, list(range(len(bufs))))
         if fault == "indirect-inner-next":
-            inner[-1] = Desc(inner[-1].addr, inner[-1].length, inner[-1].flags | VIRTQ_DESC_F_NEXT, len(inner) + draw(st.integers(0, 4)))
+            inner[-1] = Desc(
+                inner[-1].addr,
+                inner[-1].length,
+                inner[-1].flags | VIRTQ_DESC_F_NEXT,
+                len(inner) + draw(st.integers(0, 4)),
+            )
         elif fault == "indirect-loop":
             inner[-1] = Desc(inner[-1].addr, inner[-1].length, inner[-1].flags | VIRTQ_DESC_F_NEXT, 0)
         elif fault == "indirect-nested":
@@ -421,7 +445,9 @@ def descriptor_chains(
             flags |= VIRTQ_DESC_F_NEXT
         plan.indirect[indirect_table] = inner
         head = free[0]
-        plan.table[head] = Desc(indirect_table, length, flags, free[1] if flags & VIRTQ_DESC_F_NEXT and len(free) > 1 else 0)
+        plan.table[head] = Desc(
+            indirect_table, length, flags, free[1] if flags & VIRTQ_DESC_F_NEXT and len(free) > 1 else 0
+        )
         if fault == "indirect-next" and len(free) > 1:
             plan.table[free[1]] = Desc(bufs[0].addr, 1, VIRTQ_DESC_F_WRITE, 0)
         plan.head = head
@@ -446,7 +472,12 @@ def descriptor_chains(
     elif fault == "loop":
         linked[-1] = Desc(linked[-1].addr, linked[-1].length, linked[-1].flags | VIRTQ_DESC_F_NEXT, positions[0])
     elif fault == "next-out-of-range":
-        linked[-1] = Desc(linked[-1].addr, linked[-1].length, linked[-1].flags | VIRTQ_DESC_F_NEXT, size + draw(st.integers(0, U16 - size)))
+        linked[-1] = Desc(
+            linked[-1].addr,
+            linked[-1].length,
+            linked[-1].flags | VIRTQ_DESC_F_NEXT,
+            size + draw(st.integers(0, U16 - size)),
+        )
     for p, d in zip(positions, linked):
         plan.table[p] = d
     plan.head = positions[0]
@@ -464,7 +495,16 @@ def avail_indices(next_avail: int, size: int) -> st.SearchStrategy[int]:
 
 # ---- device requests (checklist 16, 17) ------------------------------------------------------
 
-VIRTIO_BLK_T = {"in": 0, "out": 1, "flush": 4, "get-id": 8, "get-lifetime": 10, "discard": 11, "write-zeroes": 13, "secure-erase": 14}
+VIRTIO_BLK_T = {
+    "in": 0,
+    "out": 1,
+    "flush": 4,
+    "get-id": 8,
+    "get-lifetime": 10,
+    "discard": 11,
+    "write-zeroes": 13,
+    "secure-erase": 14,
+}
 
 
 @dataclass(frozen=True)
@@ -502,7 +542,7 @@ def _split(draw: st.DrawFn, total: int, max_parts: int) -> tuple[int, ...]:
     return tuple(b - a for a, b in zip(points, points[1:]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def discard_segments(capacity: int) -> st.SearchStrategy[bytes]:
     """struct virtio_blk_discard_write_zeroes entries: in range, past capacity, bad flags, too many."""
     seg = st.builds(
@@ -568,7 +608,13 @@ def _valid_blk_request(draw: st.DrawFn, capacity: int, max_parts: int) -> BlkReq
     elif name == "get-id":
         in_len = 20
     elif name in ("discard", "write-zeroes"):
-        segs = draw(st.lists(st.tuples(st.integers(0, capacity - 1), st.integers(0, 4), st.sampled_from([0, 1])), min_size=1, max_size=3))
+        segs = draw(
+            st.lists(
+                st.tuples(st.integers(0, capacity - 1), st.integers(0, 4), st.sampled_from([0, 1])),
+                min_size=1,
+                max_size=3,
+            )
+        )
         out = b"".join(
             struct.pack("<QII", s, min(n, capacity - s), f if name == "write-zeroes" else 0) for s, n, f in segs
         )
@@ -592,7 +638,13 @@ def net_frames(draw: st.DrawFn, *, max_frame: int = 1600) -> bytes:
     hdr_len/gso_size pointing outside the frame.
     """
     shape = draw(st.sampled_from(["normal", "normal", "short", "header-only", "huge", "bad-offsets"]))
-    frame_len = {"normal": draw(st.integers(14, max_frame)), "short": 0, "header-only": 0, "huge": 65551, "bad-offsets": 60}[shape]
+    frame_len = {
+        "normal": draw(st.integers(14, max_frame)),
+        "short": 0,
+        "header-only": 0,
+        "huge": 65551,
+        "bad-offsets": 60,
+    }[shape]
     flags = draw(st.sampled_from([0, 1, 2, 3, 0xFF]))
     gso = draw(st.sampled_from([0, 1, 3, 4, 5, 0x80, 0xFF]))
     hdr = VIRTIO_NET_HDR.pack(

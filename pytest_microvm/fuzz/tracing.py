@@ -19,8 +19,9 @@ a step.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from vmm.memory import GuestMemory
 
@@ -103,7 +104,9 @@ class TracingGuestMemory:
         if self._reads_since_clear > self.max_reads:
             from .oracles import violation
 
-            raise violation("bounded-work-per-kick", f"more than {self.max_reads} guest reads in one step (last at {gpa:#x})")
+            raise violation(
+                "bounded-work-per-kick", f"more than {self.max_reads} guest reads in one step (last at {gpa:#x})"
+            )
         for hook in self._read_hooks:
             hook(n, gpa, length)
         self._note(READ, gpa, length)

@@ -68,8 +68,13 @@ class LegacyModel:
                 return 0xFF
             return (0x04 | (0x08 if self.last_write_was_command else 0)) if dev == "i8042-command" else 0
         if dev == "acpi-pm":
-            return 0 if off in range(AcpiPm.SIZE) and AcpiPm.BASE + off in (
-                layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT) else 0xFF
+            return (
+                0
+                if off in range(AcpiPm.SIZE)
+                and AcpiPm.BASE + off
+                in (layout.ACPI_SLEEP_CONTROL_PORT, layout.ACPI_SLEEP_STATUS_PORT, layout.ACPI_RESET_PORT)
+                else 0xFF
+            )
         return 0
 
     def read(self, dev: str, off: int, size: int) -> int:
@@ -170,6 +175,8 @@ class LegacyPortsMachine(FuzzMachine):
         if got != self.model.exits:
             raise violation("port-io-matches-model", f"VM requests {got[-4:]} != model {self.model.exits[-4:]}")
         if self.control.boot_times != self.model.boot_notes:
-            raise violation("port-io-matches-model", f"boot-time notes {self.control.boot_times} != {self.model.boot_notes}")
+            raise violation(
+                "port-io-matches-model", f"boot-time notes {self.control.boot_times} != {self.model.boot_notes}"
+            )
         if bytes(self.sent) != bytes(self.uart.output) or self.irq.level != self.uart.irq:
             raise violation("uart-matches-model", "serial output or IRQ level differs from the model")

@@ -48,7 +48,8 @@ class UartMachine(FuzzMachine):
                     self.note(f"read reg {op.offset} = {got:#04x}")
                 if got != want:
                     raise violation(
-                        "uart-matches-model", f"read({op.offset}, {op.size}) returned {got:#x}, the model says {want:#x}"
+                        "uart-matches-model",
+                        f"read({op.offset}, {op.size}) returned {got:#x}, the model says {want:#x}",
                     )
             else:
                 value = op.value & ((1 << (8 * op.size)) - 1) if op.size else 0
@@ -76,7 +77,9 @@ class UartMachine(FuzzMachine):
             self.model.reset()
             return
         if got != want:
-            raise violation("uart-matches-model", f"{op.kind}({len(op.data)} bytes) returned {got}, the model says {want}")
+            raise violation(
+                "uart-matches-model", f"{op.kind}({len(op.data)} bytes) returned {got}, the model says {want}"
+            )
 
     # ---- rules -----------------------------------------------------------------------------
     @rule(op=port_accesses(8))
@@ -106,7 +109,9 @@ class UartMachine(FuzzMachine):
     def check(self) -> None:
         dev, model = self.dev, self.model
         if self.sent != model.output:
-            raise violation("uart-matches-model", f"host output {bytes(self.sent)[-16:]!r} != model {bytes(model.output)[-16:]!r}")
+            raise violation(
+                "uart-matches-model", f"host output {bytes(self.sent)[-16:]!r} != model {bytes(model.output)[-16:]!r}"
+            )
         events = self.irq.events
         if len(events) != len(model.irq_edges) or any(
             bool(events[i][1]) != model.irq_edges[i] for i in range(self._edges_checked, len(events))
@@ -118,12 +123,21 @@ class UartMachine(FuzzMachine):
             raise violation("uart-irq-edges", f"IRQ level {dev.irq_level} (line {self.irq.level}) != model {model.irq}")
         stats = vars(dev.stats)
         if stats != model.counters:
-            diff = {k: (stats.get(k), model.counters.get(k)) for k in set(stats) | set(model.counters) if stats.get(k) != model.counters.get(k)}
+            diff = {
+                k: (stats.get(k), model.counters.get(k))
+                for k in set(stats) | set(model.counters)
+                if stats.get(k) != model.counters.get(k)
+            }
             raise violation("uart-matches-model", f"counters differ (device, model): {diff}")
         if dev.rx_fifo_level > UART_FIFO_SIZE or dev.rx_fifo_level != len(model.rx):
-            raise violation("uart-fifo-bounded", f"receiver holds {dev.rx_fifo_level} bytes (model {len(model.rx)}, FIFO {UART_FIFO_SIZE})")
+            raise violation(
+                "uart-fifo-bounded",
+                f"receiver holds {dev.rx_fifo_level} bytes (model {len(model.rx)}, FIFO {UART_FIFO_SIZE})",
+            )
         if dev.pending_input > INPUT_QUEUE_LIMIT or dev.pending_input != len(model.host_queue):
-            raise violation("uart-fifo-bounded", f"host queue holds {dev.pending_input} bytes (limit {INPUT_QUEUE_LIMIT})")
+            raise violation(
+                "uart-fifo-bounded", f"host queue holds {dev.pending_input} bytes (limit {INPUT_QUEUE_LIMIT})"
+            )
         s = dev.stats
         if s.received != s.rx_bytes + s.overruns + s.rx_discarded + dev.rx_fifo_level:
             raise violation("uart-accounting", f"received {s.received} != read + overrun + discarded + queued")

@@ -40,7 +40,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
 from vmm.devices.virtio.mmio import VirtioMmioTransport
-from vmm.devices.virtio.queue import VIRTQ_DESC_SIZE
 from vmm.devices.virtio.rng import VirtioRng
 from vmm.irq import RecordingIrqLine
 from vmm.memory import GuestMemory
@@ -53,7 +52,6 @@ from ..models.virtio import (
     INT_VRING,
     REG,
     Complete,
-    Fail,
     Outcome,
     ParsedChain,
     QueueModel,
@@ -159,7 +157,9 @@ class VirtioMachine(FuzzMachine):
                 got = self.transport.read(a.offset, a.size)
             want = self.model.read(a.offset, a.size)
             if got != want:
-                raise violation("mmio-registers-match-model", f"read({a.offset:#x}, {a.size}) = {got:#x}, model {want:#x}")
+                raise violation(
+                    "mmio-registers-match-model", f"read({a.offset:#x}, {a.size}) = {got:#x}, model {want:#x}"
+                )
             return got
         value = a.value & ((1 << (8 * a.size)) - 1) if a.size else 0
         if a.offset == REG["queue_notify"] and a.size == 4:
@@ -191,7 +191,9 @@ class VirtioMachine(FuzzMachine):
             if acc.kind in (WRITE, VIEW) and not covered(allowed, acc.gpa, acc.length):
                 if acc.kind == VIEW and covered(self._allowed_reads, acc.gpa, acc.length):
                     continue
-                raise violation("writes-only-to-writable-and-used", f"{what}: device {acc.kind} at {acc.gpa:#x}+{acc.length:#x}")
+                raise violation(
+                    "writes-only-to-writable-and-used", f"{what}: device {acc.kind} at {acc.gpa:#x}+{acc.length:#x}"
+                )
             if acc.kind == READ and not covered(self._allowed_reads, acc.gpa, acc.length):
                 raise violation("no-queue-access-while-not-ready", f"{what}: device read {acc.gpa:#x}+{acc.length:#x}")
         self._allowed_reads = []
@@ -217,7 +219,9 @@ class VirtioMachine(FuzzMachine):
                 slot = (slot + 1) & 0xFFFF
             if res.completed:
                 self.shadow.write_u16(q.used + 2, q.next_used)
-            if q.event_idx and (res.completed or any(c.error is None for c in res.chains) or res.error in ("no-status-byte",)):
+            if q.event_idx and (
+                res.completed or any(c.error is None for c in res.chains) or res.error in ("no-status-byte",)
+            ):
                 self.shadow.write_u16(q.used + 4 + 8 * q.size, q.next_avail)
             results[index] = res
             allowed_writes.append(q.used_area())
@@ -229,7 +233,7 @@ class VirtioMachine(FuzzMachine):
                 allowed_writes.extend(chain.writable)
             if res.error:
                 m.needs_reset()
-        for j, q in enumerate(m.queues):
+        for q in m.queues:
             if q.ready:
                 allowed_reads.extend(q.areas())
         # Used-buffer notifications for every ready queue (the transport signals all after a kick).
@@ -239,7 +243,9 @@ class VirtioMachine(FuzzMachine):
                     m.interrupt_status |= INT_VRING
         self._allowed_reads = allowed_reads
         reads_before = self.mem.reads_served
-        self._device_step(f"notify({index})", lambda: self.transport.write(REG["queue_notify"], 4, index), allowed_writes)
+        self._device_step(
+            f"notify({index})", lambda: self.transport.write(REG["queue_notify"], 4, index), allowed_writes
+        )
         if index in results:
             res = results[index]
             self.note(f"kick: {min(len(res.completed), 3)}+ completions, error {res.error}")
@@ -285,7 +291,9 @@ class VirtioMachine(FuzzMachine):
             if acc.gpa == idx_gpa and acc.length == 2:
                 published += 1
                 if len(elem_writes) < published:
-                    raise violation("used-len-before-idx", f"used.idx moved before used.ring element {published} was written")
+                    raise violation(
+                        "used-len-before-idx", f"used.idx moved before used.ring element {published} was written"
+                    )
             elif q.used + 4 <= acc.gpa < q.used + 4 + 8 * q.size:
                 elem_writes.add(len(elem_writes))
         if published != completions:
@@ -312,7 +320,11 @@ class VirtioMachine(FuzzMachine):
             self.ram.fill(base, 0x1000)
             self.reg_write(REG["queue_sel"], qi)
             self.reg_write(REG["queue_num"], size)
-            for lo, addr in ((REG["queue_desc_low"], desc), (REG["queue_driver_low"], avail), (REG["queue_device_low"], used)):
+            for lo, addr in (
+                (REG["queue_desc_low"], desc),
+                (REG["queue_driver_low"], avail),
+                (REG["queue_device_low"], used),
+            ):
                 self.reg_write(lo, addr)
                 self.reg_write(lo + 4, 0)
             self.reg_write(REG["queue_ready"], 1)
@@ -339,14 +351,21 @@ class VirtioMachine(FuzzMachine):
         version_1=st.sampled_from([True, True, True, False]),
         beyond=st.sampled_from([None, None, None, 2, 3, 0xFFFF_FFFF]),
     )
-    def initialize(self, ring: bool, event_idx: bool, extra: int, version_1: bool = True, beyond: int | None = None) -> None:
+    def initialize(
+        self, ring: bool, event_idx: bool, extra: int, version_1: bool = True, beyond: int | None = None
+    ) -> None:
         """The §3.1.1 sequence up to FEATURES_OK, as Linux does it; sometimes with unoffered bits,
         without VERSION_1, or with a word written at DriverFeaturesSel >= 2 (checklist 4)."""
         self.reg_write(REG["status"], 0)
         self.reg_write(REG["status"], ACKNOWLEDGE)
         self.reg_write(REG["status"], ACKNOWLEDGE | DRIVER)
         offered = self.model.offered
-        want = (1 << 32 if version_1 else 0) | (offered & (1 << 28) if ring else 0) | (offered & (1 << 29) if event_idx else 0) | extra
+        want = (
+            (1 << 32 if version_1 else 0)
+            | (offered & (1 << 28) if ring else 0)
+            | (offered & (1 << 29) if event_idx else 0)
+            | extra
+        )
         if beyond is not None:
             self.reg_write(REG["driver_features_sel"], beyond)
             self.reg_write(REG["driver_features"], 1)
@@ -358,10 +377,17 @@ class VirtioMachine(FuzzMachine):
     @rule(data=st.data())
     def setup_queue(self, data: st.DataObject) -> None:
         """QueueSel, QueueNum, the three addresses, QueueReady=1: valid or hostile."""
-        qi = data.draw(st.sampled_from([*range(len(self.model.queues)), len(self.model.queues), 0xFFFF_FFFF]), label="queue")
+        qi = data.draw(
+            st.sampled_from([*range(len(self.model.queues)), len(self.model.queues), 0xFFFF_FFFF]), label="queue"
+        )
         max_size = self.model.queues[0].max_size
-        size = data.draw(st.one_of(st.sampled_from([max_size, max_size // 2, 1]), st.sampled_from([0, 3, max_size * 2, 65535])), label="size")
-        lay = data.draw(ring_layouts(size if 0 < size <= 32768 else max_size, RING_AREA, ram_end=RAM_END, hole=HOLE), label="layout")
+        size = data.draw(
+            st.one_of(st.sampled_from([max_size, max_size // 2, 1]), st.sampled_from([0, 3, max_size * 2, 65535])),
+            label="size",
+        )
+        lay = data.draw(
+            ring_layouts(size if 0 < size <= 32768 else max_size, RING_AREA, ram_end=RAM_END, hole=HOLE), label="layout"
+        )
         self.reg_write(REG["queue_sel"], qi)
         if qi < len(self.model.queues) and not self.model.queues[qi].ready:
             # The driver zeroes its rings first (where they are in RAM).
@@ -370,7 +396,11 @@ class VirtioMachine(FuzzMachine):
                     self.ram.fill(addr, length)
             self.avail_idx[qi] = 0
         self.reg_write(REG["queue_num"], size)
-        for lo, addr in ((REG["queue_desc_low"], lay.desc), (REG["queue_driver_low"], lay.avail), (REG["queue_device_low"], lay.used)):
+        for lo, addr in (
+            (REG["queue_desc_low"], lay.desc),
+            (REG["queue_driver_low"], lay.avail),
+            (REG["queue_device_low"], lay.used),
+        ):
             self.reg_write(lo, addr & 0xFFFF_FFFF)
             self.reg_write(lo + 4, addr >> 32)
         self.reg_write(REG["queue_ready"], data.draw(st.sampled_from([1, 1, 1, 0, 2]), label="ready"))
@@ -400,7 +430,11 @@ class VirtioMachine(FuzzMachine):
 
     # ---- rules: the rings ------------------------------------------------------------------------------------
     def _ready_queue(self, data: st.DataObject) -> int | None:
-        qs = [i for i, q in enumerate(self.model.queues) if q.size and q.size <= 32768 and self.ram.contains(q.desc, 16 * q.size)]
+        qs = [
+            i
+            for i, q in enumerate(self.model.queues)
+            if q.size and q.size <= 32768 and self.ram.contains(q.desc, 16 * q.size)
+        ]
         if not qs:
             return None
         return data.draw(st.sampled_from(qs), label="queue")
@@ -437,10 +471,16 @@ class VirtioMachine(FuzzMachine):
     def write_plan(self, q: QueueModel, plan: ChainPlan) -> None:
         for i, d in plan.table.items():
             if 0 <= i < q.size:
-                self.ram.write(q.desc + 16 * i, _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF))
+                self.ram.write(
+                    q.desc + 16 * i,
+                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+                )
         for addr, descs in plan.indirect.items():
             for k, d in enumerate(descs[:64]):
-                self.ram.write(addr + 16 * k, _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF))
+                self.ram.write(
+                    addr + 16 * k,
+                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+                )
         for addr, blob in plan.data.items():
             if self.ram.contains(addr, len(blob)):
                 self.ram.write(addr, blob)
@@ -465,7 +505,9 @@ class VirtioMachine(FuzzMachine):
         self.ram.write_u16(q.avail + 2, value)
         self.avail_idx[qi] = value
 
-    @rule(data=st.data(), what=st.sampled_from(["used_event", "avail_flags", "used_ring", "duplicate_head", "used_idx"]))
+    @rule(
+        data=st.data(), what=st.sampled_from(["used_event", "avail_flags", "used_ring", "duplicate_head", "used_idx"])
+    )
     def tamper_ring(self, data: st.DataObject, what: str) -> None:
         """Poisoned used_event, NO_INTERRUPT, the driver writing the used ring, a duplicate head (checklist 10, 15)."""
         qi = self._ready_queue(data)
@@ -499,9 +541,7 @@ class VirtioMachine(FuzzMachine):
         qi = next(i for i, q in enumerate(self.model.queues) if q.ready)
         q = self.model.queues[qi]
         nth = data.draw(st.integers(0, 12), label="after read")
-        target = data.draw(
-            st.sampled_from(["avail.idx", "ring slot", "descriptor", "indirect"]), label="edit"
-        )
+        target = data.draw(st.sampled_from(["avail.idx", "ring slot", "descriptor", "indirect"]), label="edit")
         value = data.draw(interesting_ints(64), label="value")
         start = self.mem.reads_served
         ram = self.ram
@@ -549,7 +589,9 @@ class VirtioMachine(FuzzMachine):
         self.in_flight[qi] = {i for i, v in enumerate(dq._in_flight) if v}
         t = self.transport
         if t.status & ~self.model.status & ~64:
-            raise violation("status-machine", f"status {t.status:#x} gained bits other than NEEDS_RESET over {self.model.status:#x}")
+            raise violation(
+                "status-machine", f"status {t.status:#x} gained bits other than NEEDS_RESET over {self.model.status:#x}"
+            )
         self.model.status = t.status
         self.model.interrupt_status = t.interrupt_status
         self.predictable = True
@@ -582,9 +624,14 @@ class VirtioMachine(FuzzMachine):
             if t.queues[i].ready != q.ready:
                 raise violation("mmio-registers-match-model", f"queue {i} ready {t.queues[i].ready}, model {q.ready}")
         if self.irq.level != bool(t.interrupt_status):
-            raise violation("interrupt-status-real-events", f"IRQ line {self.irq.level} with InterruptStatus {t.interrupt_status:#x}")
+            raise violation(
+                "interrupt-status-real-events",
+                f"IRQ line {self.irq.level} with InterruptStatus {t.interrupt_status:#x}",
+            )
         if t.interrupt_status & ~3:
-            raise violation("interrupt-status-real-events", f"InterruptStatus {t.interrupt_status:#x} has undefined bits")
+            raise violation(
+                "interrupt-status-real-events", f"InterruptStatus {t.interrupt_status:#x} has undefined bits"
+            )
         if t.errors.get("device-exception"):
             raise violation("closed-error-set", f"the transport caught a device exception: {t.last_error}")
         if t.status == 0 and (any(q.ready for q in t.queues) or t.interrupt_status):
@@ -673,7 +720,6 @@ class BlkMachine(_RequestRules, VirtioMachine):
     def chain_strategy(self, q: QueueModel, qi: int, free: list[int]) -> st.SearchStrategy[ChainPlan]:
         blk = _blk_chain(q, free)
         return st.one_of(super().chain_strategy(q, qi, free), blk, blk, blk)
-
 
 
 def writable_anywhere(mem: GuestMemory, q: QueueModel, max_indirect: int = 64) -> list[tuple[int, int]]:

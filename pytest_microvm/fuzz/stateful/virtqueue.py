@@ -67,7 +67,10 @@ class VirtqueueMachine(FuzzMachine):
     def reconfigure(self, data: st.DataObject, indirect: bool, event_idx: bool) -> None:
         """Disable, then enable with a new size and layout: valid or hostile (checklist 5, 6)."""
         size = data.draw(queue_sizes(MAX_SIZE), label="size")
-        lay = data.draw(ring_layouts(size if 0 < size <= MAX_SIZE else MAX_SIZE, RING_AREA, ram_end=RAM_END, hole=HOLE), label="layout")
+        lay = data.draw(
+            ring_layouts(size if 0 < size <= MAX_SIZE else MAX_SIZE, RING_AREA, ram_end=RAM_END, hole=HOLE),
+            label="layout",
+        )
         for addr, length in ((lay.avail, 6 + 2 * MAX_SIZE), (lay.used, 6 + 8 * MAX_SIZE)):
             if self.ram.contains(addr, length):
                 self.ram.fill(addr, length)
@@ -89,7 +92,10 @@ class VirtqueueMachine(FuzzMachine):
         except VirtqueueError as e:
             refused = e.kind
         if (why is None) != (refused is None):
-            raise violation("bad-ring-setup-rejected", f"enable(size={size}, {desc:#x}, {avail:#x}, {used:#x}): model {why}, queue {refused}")
+            raise violation(
+                "bad-ring-setup-rejected",
+                f"enable(size={size}, {desc:#x}, {avail:#x}, {used:#x}): model {why}, queue {refused}",
+            )
         self._no_memory_access("enable")
         if why is None:
             m.ready, m.indirect, m.event_idx = True, indirect, event_idx
@@ -141,15 +147,28 @@ class VirtqueueMachine(FuzzMachine):
         m = self.model
         free = [i for i in data.draw(st.permutations(range(m.size)), label="free") if i not in self.in_flight][:6]
         plan = data.draw(
-            descriptor_chains(size=m.size, free=free, buffers=BUFFERS, ram_end=RAM_END, ring_addr=m.used, indirect_table=self._next_table()),
+            descriptor_chains(
+                size=m.size,
+                free=free,
+                buffers=BUFFERS,
+                ram_end=RAM_END,
+                ring_addr=m.used,
+                indirect_table=self._next_table(),
+            ),
             label="chain",
         )
         for i, d in plan.table.items():
             if 0 <= i < m.size:
-                self.ram.write(m.desc + 16 * i, _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF))
+                self.ram.write(
+                    m.desc + 16 * i,
+                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+                )
         for addr, descs in plan.indirect.items():
             for k, d in enumerate(descs[:64]):
-                self.ram.write(addr + 16 * k, _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF))
+                self.ram.write(
+                    addr + 16 * k,
+                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+                )
         self.ram.write_u16(m.avail + 4 + 2 * (self.avail_idx % m.size), plan.head & 0xFFFF)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.ram.write_u16(m.avail + 2, self.avail_idx)
@@ -217,7 +236,9 @@ class VirtqueueMachine(FuzzMachine):
         want_r = [(a, n) for a, n in expected.readable]  # type: ignore[union-attr]
         want_w = [(a, n) for a, n in expected.writable]  # type: ignore[union-attr]
         if [(b.addr, b.length) for b in got.readable] != want_r or [(b.addr, b.length) for b in got.writable] != want_w:
-            raise violation("chain-rules-match-model", f"pop: buffers {got.readable}/{got.writable} != model {want_r}/{want_w}")
+            raise violation(
+                "chain-rules-match-model", f"pop: buffers {got.readable}/{got.writable} != model {want_r}/{want_w}"
+            )
         if got.head != expected.head:  # type: ignore[union-attr]
             raise violation("used-id-outstanding-once", f"pop returned head {got.head}, model {expected.head}")  # type: ignore[union-attr]
         m.next_avail = (m.next_avail + 1) & 0xFFFF
@@ -265,7 +286,9 @@ class VirtqueueMachine(FuzzMachine):
             raise violation("used-idx-exact", f"used element/idx after completing head {head} with {written} bytes")
         order = [a.gpa for a in self.mem.log if a.kind == "write"]
         if order != [slot, m.used + 2]:
-            raise violation("used-len-before-idx", f"add_used wrote {[hex(g) for g in order]}, not element then used.idx")
+            raise violation(
+                "used-len-before-idx", f"add_used wrote {[hex(g) for g in order]}, not element then used.idx"
+            )
 
     @rule()
     def late_completion(self) -> None:
@@ -289,7 +312,9 @@ class VirtqueueMachine(FuzzMachine):
             got = self.q.needs_notification()
         want = needs_notification(self.ram, m)
         if got != want:
-            raise violation("notification-suppression", f"needs_notification {got}, model {want} (event_idx {m.event_idx})")
+            raise violation(
+                "notification-suppression", f"needs_notification {got}, model {want} (event_idx {m.event_idx})"
+            )
 
     @rule(data=st.data())
     def toctou_pop(self, data: st.DataObject) -> None:
@@ -323,7 +348,9 @@ class VirtqueueMachine(FuzzMachine):
         after = writable_anywhere(self.ram, m)
         for b in got.writable:
             if not covered(before + after, b.addr, b.length):
-                raise violation("writes-only-to-writable-and-used", f"toctou pop: writable buffer {b} was never marked writable")
+                raise violation(
+                    "writes-only-to-writable-and-used", f"toctou pop: writable buffer {b} was never marked writable"
+                )
         m.next_avail = (m.next_avail + 1) & 0xFFFF
         self.in_flight[got.head] = got
 
@@ -331,6 +358,11 @@ class VirtqueueMachine(FuzzMachine):
     def state_matches(self) -> None:
         q, m = self.q, self.model
         if q.ready != m.ready or (q.next_avail, q.next_used) != (m.next_avail & 0xFFFF, m.next_used & 0xFFFF):
-            raise violation("used-idx-exact", f"queue ready {q.ready} at {q.next_avail}/{q.next_used}, model {m.ready} at {m.next_avail}/{m.next_used}")
+            raise violation(
+                "used-idx-exact",
+                f"queue ready {q.ready} at {q.next_avail}/{q.next_used}, model {m.ready} at {m.next_avail}/{m.next_used}",
+            )
         if q.in_flight() != len(self.in_flight):
-            raise violation("used-id-outstanding-once", f"{q.in_flight()} chains in flight, model {len(self.in_flight)}")
+            raise violation(
+                "used-id-outstanding-once", f"{q.in_flight()} chains in flight, model {len(self.in_flight)}"
+            )
