@@ -27,24 +27,22 @@ def failure_text(exc: BaseException) -> str:
 
 
 def program_lines(text: str) -> list[str]:
-    """The ``state = ...`` / ``state.rule(...)`` lines of a falsifying example."""
-    lines = text.splitlines()
+    """The ``state = ...`` / ``state.rule(...)`` lines of a falsifying example (wrapped reprs joined)."""
     out: list[str] = []
     inside = False
-    for line in lines:
+    for line in text.splitlines():
         s = line.strip()
         if s.startswith("state = "):
-            inside = True
-            out = [s]
+            inside, out = True, [s]
             continue
         if not inside or not s:
             continue
+        if out and out[-1].count("(") + out[-1].count("[") > out[-1].count(")") + out[-1].count("]"):
+            out[-1] += " " + s  # a repr Hypothesis wrapped over several lines
+            continue
         if s.startswith(("Explanation", "You can", "These lines")):
             break
-        if s.startswith(("state.", "Draw ")) or out[-1].startswith("state.") and not out[-1].endswith(")"):
-            out.append(s)
-        elif out:
-            out[-1] += " " + s  # a repr Hypothesis wrapped over several lines
+        out.append(s)
         if s == "state.teardown()":
             break
     return out
