@@ -34,7 +34,15 @@ DEFAULT_PANIC_PATTERNS = (
 )
 
 #: Arguments of @pytest.mark.microvm and of microvm_factory().
-MARKER_ARGS = ("kernel", "initrd", "append", "mem_mib", "vcpus", "timeout", "backend")
+MARKER_ARGS = (
+    "kernel", "initrd", "append", "mem_mib", "vcpus", "timeout", "backend",
+    # virtio devices, in `microvm run`'s syntax (vmm/devices/virtio/spec.py)
+    "disk", "net", "console", "rng", "vsock",
+    # start from a snapshot directory (vmm/snapshot.py) instead of booting the kernel
+    "restore",
+)
+#: Device arguments that take one value or a list of them.
+LIST_DEVICE_ARGS = ("disk", "net")
 
 
 class SpecError(ValueError):
@@ -67,6 +75,10 @@ class VmSpec:
     backend: str = "kvm"
     qemu: QemuOptions = field(default_factory=QemuOptions)
     panic_patterns: tuple[str, ...] = DEFAULT_PANIC_PATTERNS
+    #: virtio devices (vmm.devices.virtio.spec objects), in slot order.
+    devices: tuple[Any, ...] = ()
+    #: A snapshot directory to continue instead of booting ``kernel`` (our VMM only).
+    restore: str | None = None
 
     def replace(self, **changes: Any) -> VmSpec:
         return dataclasses.replace(self, **changes)
@@ -202,7 +214,51 @@ def apply_overrides(spec: VmSpec, overrides: Mapping[str, Any], what: str, base:
             changes[key] = parse_positive_float(value, label)
         elif key == "backend":
             changes[key] = parse_backend(value, label)
+        elif key == "restore":
+            if value is not None and not (base / os.fspath(value)).is_dir():
+                raise SpecError(f"{label}: {value!r} is not a snapshot directory")
+            changes[key] = None if value is None else str(base / os.fspath(value))
+    device_args = {k: overrides[k] for k in ("disk", "net", "console", "rng", "vsock") if k in overrides}
+    if device_args:
+        changes["devices"] = parse_devices(device_args, what, base)
     return spec.replace(**changes)
+
+
+def parse_devices(args: Mapping[str, Any], what: str, base: Path) -> tuple[Any, ...]:
+    """virtio device specs from marker/factory arguments written like `microvm run`'s options:
+    ``disk="img.raw,ro"`` (or a list), ``net="tap=NAME"`` (or a list), ``console="socket=PATH"``,
+    ``rng=True``, ``vsock="cid=3,path=PATH"``.  Relative paths are relative to ``base``."""
+    from vmm.devices.virtio.spec import parse_cli_devices
+    from vmm.errors import ConfigError
+
+    def listed(key: str) -> list[str]:
+        value = args.get(key) or []
+        items = [value] if isinstance(value, (str, os.PathLike)) else list(value)
+        out = []
+        for item in items:
+            if not isinstance(item, (str, os.PathLike)):
+                raise SpecError(f"{what} {key}=: {item!r} is not a string")
+            out.append(os.fspath(item))
+        return out
+
+    disks = []
+    for d in listed("disk"):
+        path, sep, rest = d.partition(",")
+        disks.append(str(base / path) + sep + rest)
+    for key in ("console", "vsock"):
+        if args.get(key) is not None and not isinstance(args[key], str):
+            raise SpecError(f"{what} {key}=: {args[key]!r} is not a string")
+    if not isinstance(args.get("rng", False), bool):
+        raise SpecError(f"{what} rng=: {args['rng']!r} is not True or False")
+    try:
+        return tuple(
+            parse_cli_devices(
+                disks=disks, nets=listed("net"), console=args.get("console"), rng=args.get("rng", False),
+                vsock=args.get("vsock"),
+            )
+        )
+    except ConfigError as exc:
+        raise SpecError(f"{what}: {exc}") from None
 
 
 def split_args(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:

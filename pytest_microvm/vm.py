@@ -20,7 +20,7 @@ from vmm.exitstatus import ExitReason, ExitStatus
 
 from .backends import Backend, create_backend
 from .console import TAIL_CHARS, Console
-from .errors import MicroVMError, WaitTimeout
+from .errors import BackendError, MicroVMError, WaitTimeout
 from .panic import PanicWatcher
 from .spec import VmSpec
 
@@ -233,6 +233,18 @@ class MicroVM:
 
             self._agent = AgentClient(self)
         return self._agent.run(cmd, timeout=timeout, check=check, input=input)
+
+    def snapshot(self, path: str | Path) -> Path:
+        """Save this running VM into directory ``path`` (our VMM only); it keeps running.
+
+        Start new VMs from it with ``microvm_factory(restore=path)`` or the marker's
+        ``restore=`` argument: each continues independently from this moment.
+        """
+        backend = self._require_started("snapshot()")
+        snap = getattr(backend, "snapshot", None)
+        if snap is None:
+            raise BackendError(f"snapshot(): the {backend.name} backend cannot take snapshots; use backend kvm")
+        return snap(Path(path))
 
     def __repr__(self) -> str:
         state = "not started" if self._backend is None else (

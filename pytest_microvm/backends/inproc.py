@@ -31,15 +31,19 @@ class InprocBackend:
         from vmm.machine import Machine, MachineConfig
 
         spec = self.spec
-        config = MachineConfig(
-            kernel=spec.resolve_kernel(),
-            initrd=spec.initrd,
-            cmdline=spec.append,
-            mem_mib=spec.mem_mib,
-            vcpus=spec.vcpus,
-            timeout=spec.timeout,
-        )
-        machine = Machine(config, t0=time.monotonic())
+        if spec.restore is not None:
+            machine = Machine.restore(spec.restore, timeout=spec.timeout)
+        else:
+            config = MachineConfig(
+                kernel=spec.resolve_kernel(),
+                initrd=spec.initrd,
+                cmdline=spec.append,
+                mem_mib=spec.mem_mib,
+                vcpus=spec.vcpus,
+                timeout=spec.timeout,
+                devices=list(spec.devices),
+            )
+            machine = Machine(config, t0=time.monotonic())
         # One log for the VM's whole life: the machine's own.
         self.console_log = machine.console
         self.machine = machine
@@ -53,6 +57,9 @@ class InprocBackend:
     def _watch(self) -> None:
         self.machine.wait()
         self._on_exit()
+
+    def snapshot(self, path: Any) -> Any:
+        return self.machine.snapshot(path)
 
     def send_input(self, data: bytes) -> int:
         if self.machine is None or not self.machine.running:

@@ -45,7 +45,7 @@ from vmm.console import ConsoleLog
 from vmm.exitstatus import ExitReason, ExitStatus
 
 from ..errors import BackendError, BackendNotInstalled
-from ..spec import VmSpec
+from ..spec import SpecError, VmSpec
 
 #: struct kvm_run exit reasons (linux/kvm.h) as named in metrics, the same names our VMM uses.
 KVM_EXIT_NAMES = {
@@ -175,6 +175,36 @@ def _last(errors: list[str], stderr_text: str) -> str:
     return lines[-1] if lines else "no message"
 
 
+def qemu_device_args(devices) -> list[str]:
+    """QEMU arguments for our virtio device specs, on QEMU's virtio-mmio transport."""
+    argv: list[str] = []
+    serial_bus = False
+    for i, dev in enumerate(devices):
+        kind = dev.kind
+        if kind == "blk":
+            drive = f"if=none,id=disk{i},file={dev.path},format=raw" + (",readonly=on" if dev.read_only else "")
+            argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=disk{i}"
+                     + (f",serial={dev.serial}" if dev.serial else "")]
+        elif kind == "rng":
+            argv += ["-object", f"rng-random,id=rng{i},filename=/dev/urandom",
+                     "-device", f"virtio-rng-device,rng=rng{i}"]
+        elif kind == "net":
+            argv += ["-netdev", f"tap,id=net{i},ifname={dev.tap},script=no,downscript=no",
+                     "-device", f"virtio-net-device,netdev=net{i}" + (f",mac={dev.mac}" if getattr(dev, "mac", None) else "")]
+        elif kind == "console":
+            if not serial_bus:
+                argv += ["-device", "virtio-serial-device"]
+                serial_bus = True
+            argv += ["-chardev", f"socket,id=vcon{i},path={dev.socket},server=on,wait=off",
+                     "-device", f"virtconsole,chardev=vcon{i}"]
+        else:
+            raise SpecError(
+                f"{kind}=: the qemu backend cannot provide this device in the form our VMM does "
+                "(QEMU's vsock is vhost-vsock, not Firecracker's Unix-socket form); use backend kvm"
+            )
+    return argv
+
+
 class QemuBackend:
     name = "qemu"
 
@@ -207,6 +237,9 @@ class QemuBackend:
         self.binary = find_binary(spec.qemu.binary)
         self.kernel = spec.resolve_kernel()
         self.cpu = resolve_cpu(self.binary, spec.qemu.cpu)
+        if spec.restore is not None:
+            raise SpecError("restore=: snapshots are a feature of our VMM (backend kvm), not of the qemu backend")
+        self.device_args = qemu_device_args(spec.devices)
 
     def _command(self, boot_fd: int, trace_fd: int) -> list[str]:
         spec = self.spec
@@ -226,6 +259,7 @@ class QemuBackend:
             argv += ["-initrd", str(spec.initrd)]
         if spec.append:
             argv += ["-append", spec.append]
+        argv += self.device_args
         argv += list(spec.qemu.extra_args)
         return argv
 

@@ -76,9 +76,18 @@ class Rig:
     def needs_reset(self) -> bool:
         return bool(self.t.read(VIRTIO_MMIO_STATUS, 4) & VIRTIO_CONFIG_S_NEEDS_RESET)
 
-    def request(self, rtype: int, sector: int = 0, data: bytes = b"", in_len: int = 0, *,
-                header: bytes | None = None, out_split: list[int] | None = None, in_split: list[int] | None = None,
-                indirect: bool = False) -> tuple[int, int, bytes]:
+    def request(
+        self,
+        rtype: int,
+        sector: int = 0,
+        data: bytes = b"",
+        in_len: int = 0,
+        *,
+        header: bytes | None = None,
+        out_split: list[int] | None = None,
+        in_split: list[int] | None = None,
+        indirect: bool = False,
+    ) -> tuple[int, int, bytes]:
         """Submit one request; returns (status, used.len, data read back from the writable part)."""
         out = (header if header is not None else struct.pack("<IIQ", rtype, 0, sector)) + data
         out_parts = _split(out, out_split)
@@ -122,8 +131,14 @@ def file_bytes(path) -> bytes:
 # ---- configuration and features -------------------------------------------------------
 def test_features_and_config(rig):
     f = rig.drv.device_features()
-    for b in (VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_DISCARD,
-              VIRTIO_BLK_F_WRITE_ZEROES, 32):
+    for b in (
+        VIRTIO_BLK_F_SEG_MAX,
+        VIRTIO_BLK_F_BLK_SIZE,
+        VIRTIO_BLK_F_FLUSH,
+        VIRTIO_BLK_F_DISCARD,
+        VIRTIO_BLK_F_WRITE_ZEROES,
+        32,
+    ):
         assert f & bit(b), b
     assert not f & bit(VIRTIO_BLK_F_RO)
     assert rig.drv.config_read(0, 8) == SECTORS  # capacity
@@ -214,8 +229,10 @@ def test_indirect_request(rig, image):
 
 
 def test_a_full_queue_in_one_notification(rig, image):
-    reqs = [rig.drv.submit(0, [struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, i)], [512, 1], indirect=True, kick=False)
-            for i in range(16)]
+    reqs = [
+        rig.drv.submit(0, [struct.pack("<IIQ", VIRTIO_BLK_T_IN, 0, i)], [512, 1], indirect=True, kick=False)
+        for i in range(16)
+    ]
     rig.drv.kick(0)
     used = rig.drv.used(0)
     assert sorted(h for h, _ in used) == sorted(r.head for r in reqs)
@@ -326,7 +343,7 @@ def test_ring_loop_needs_reset_and_recovers(rig):
 
 def test_reset_with_a_request_made_available(rig, image):
     before = file_bytes(image)
-    rig.drv.submit(0, [struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 0), b"\xEE" * 512], [1], kick=False)
+    rig.drv.submit(0, [struct.pack("<IIQ", VIRTIO_BLK_T_OUT, 0, 0), b"\xee" * 512], [1], kick=False)
     rig.drv.reset()  # the request was never notified; after reset it is gone
     rig.drv.initialize(queues=(0,), size=16)
     rig.drv.kick(0)

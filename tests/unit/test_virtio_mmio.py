@@ -213,8 +213,10 @@ def test_other_widths_read_zero_and_are_counted(rig, size, offset):
     assert rig.t.faults["bad-width-read"] == 1
 
 
-@pytest.mark.parametrize("size,offset", [(1, VIRTIO_MMIO_STATUS), (2, VIRTIO_MMIO_STATUS), (8, VIRTIO_MMIO_STATUS),
-                                         (4, VIRTIO_MMIO_STATUS + 1)])
+@pytest.mark.parametrize(
+    "size,offset",
+    [(1, VIRTIO_MMIO_STATUS), (2, VIRTIO_MMIO_STATUS), (8, VIRTIO_MMIO_STATUS), (4, VIRTIO_MMIO_STATUS + 1)],
+)
 def test_other_widths_write_nothing(rig, size, offset):
     rig.t.write(offset, size, VIRTIO_CONFIG_S_ACKNOWLEDGE)
     assert rig.r(VIRTIO_MMIO_STATUS) == 0
@@ -237,7 +239,12 @@ def test_write_only_and_undefined_registers_read_zero(rig):
 def test_shared_memory_registers_say_no_region(rig):
     for sel in (0, 7, 0xFFFF_FFFF):
         rig.w(VIRTIO_MMIO_SHM_SEL, sel)
-        for off in (VIRTIO_MMIO_SHM_LEN_LOW, VIRTIO_MMIO_SHM_LEN_HIGH, VIRTIO_MMIO_SHM_BASE_LOW, VIRTIO_MMIO_SHM_BASE_HIGH):
+        for off in (
+            VIRTIO_MMIO_SHM_LEN_LOW,
+            VIRTIO_MMIO_SHM_LEN_HIGH,
+            VIRTIO_MMIO_SHM_BASE_LOW,
+            VIRTIO_MMIO_SHM_BASE_HIGH,
+        ):
             assert rig.r(off) == 0xFFFF_FFFF
 
 
@@ -333,8 +340,9 @@ def test_negotiated_features_reach_the_device(mem):
 # ---- the status machine ------------------------------------------------------------------
 def test_full_initialisation(rig):
     rig.drv.initialize(queues=(0, 1))
-    assert rig.r(VIRTIO_MMIO_STATUS) == (VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER
-                                         | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK)
+    assert rig.r(VIRTIO_MMIO_STATUS) == (
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_DRIVER_OK
+    )
     assert rig.dev.activations == 1
     assert rig.echo() == b"PING"
     assert sum(rig.t.faults.values()) == 0
@@ -344,15 +352,21 @@ def test_full_initialisation(rig):
     "sequence,expected,fault",
     [
         ([VIRTIO_CONFIG_S_DRIVER], 0, "status-order"),
-        ([VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FEATURES_OK],
-         VIRTIO_CONFIG_S_ACKNOWLEDGE, "status-order"),
+        (
+            [VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_FEATURES_OK],
+            VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            "status-order",
+        ),
         ([VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_DRIVER_OK], 0, "status-order"),
         ([VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER], VIRTIO_CONFIG_S_ACKNOWLEDGE, "status-clear"),
         ([VIRTIO_CONFIG_S_ACKNOWLEDGE | 0x10], 0, "status-reserved-bits"),
         ([VIRTIO_CONFIG_S_ACKNOWLEDGE | 0x20], 0, "status-reserved-bits"),
         ([0x100], 0, "status-reserved-bits"),
-        ([VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_NEEDS_RESET], VIRTIO_CONFIG_S_ACKNOWLEDGE,
-         "status-driver-set-needs-reset"),
+        (
+            [VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_NEEDS_RESET],
+            VIRTIO_CONFIG_S_ACKNOWLEDGE,
+            "status-driver-set-needs-reset",
+        ),
     ],
 )
 def test_status_rules(rig, sequence, expected, fault):
@@ -667,8 +681,9 @@ def test_ring_error_sets_needs_reset_with_config_interrupt(mem):
     assert r.echo() == b"PING"
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("bug"), KeyError(3), GuestError("bad request"),
-                                 VirtqueueError("q", "custom", "bad", 0x1234)])
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("bug"), KeyError(3), GuestError("bad request"), VirtqueueError("q", "custom", "bad", 0x1234)]
+)
 def test_device_exceptions_never_escape(mem, exc):
     r = ready_rig(mem)
     r.dev.fail_with = exc

@@ -42,8 +42,15 @@ def write_table(mem: GuestMemory, table: int, entries: list[tuple[int, int, int,
 class Rig:
     """A device-side Virtqueue and the driver's view of the same rings."""
 
-    def __init__(self, mem: GuestMemory, size: int = 8, *, indirect: bool = True, event_idx: bool = False,
-                 max_size: int | None = None) -> None:
+    def __init__(
+        self,
+        mem: GuestMemory,
+        size: int = 8,
+        *,
+        indirect: bool = True,
+        event_idx: bool = False,
+        max_size: int | None = None,
+    ) -> None:
         self.mem = mem
         self.alloc = GuestAllocator(mem, 0x1000, 4 * MiB)
         self.dq = DriverQueue.allocate(mem, self.alloc, size)
