@@ -2,8 +2,7 @@
 
 Each target is a ``FuzzMachine`` subclass; its test module under
 ``tests/fuzz/`` exposes the same machine as ``Machine.TestCase`` for pytest
-and HypoFuzz.  Targets for devices not in this build (virtio-net, console,
-vsock before they land) are simply absent.
+and HypoFuzz.
 """
 
 from __future__ import annotations
@@ -19,6 +18,9 @@ TARGETS = {
     "virtio-rng": "pytest_microvm.fuzz.stateful.virtio:RngMachine",
     "virtio-blk": "pytest_microvm.fuzz.stateful.virtio:BlkMachine",
     "virtio-blk-ro": "pytest_microvm.fuzz.stateful.virtio:BlkReadOnlyMachine",
+    "virtio-console": "pytest_microvm.fuzz.stateful.async_devices:ConsoleMachine",
+    "virtio-net": "pytest_microvm.fuzz.stateful.async_devices:NetMachine",
+    "virtio-vsock": "pytest_microvm.fuzz.stateful.async_devices:VsockMachine",
 }
 
 

@@ -76,6 +76,10 @@ class TracingGuestMemory:
         self.overflowed = False
         self._reads_since_clear = 0
 
+    def new_step(self) -> None:
+        """Start a new read budget without dropping the log."""
+        self._reads_since_clear = 0
+
     def add_read_hook(self, hook: ReadHook) -> None:
         self._read_hooks.append(hook)
 

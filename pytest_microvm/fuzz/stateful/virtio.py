@@ -442,16 +442,20 @@ class VirtioMachine(FuzzMachine):
     @rule(data=st.data())
     def submit(self, data: st.DataObject) -> None:
         """Write a chain into the table of a configured queue and publish its head (no kick)."""
+        self._submit_returning(data)
+
+    def _submit_returning(self, data: st.DataObject) -> int | None:
         qi = self._ready_queue(data)
         if qi is None:
-            return
+            return None
         q = self.model.queues[qi]
         if not (self.ram.contains(q.avail, 6 + 2 * q.size) and self.ram.contains(q.desc, 16 * q.size)):
-            return
+            return None
         free = data.draw(st.permutations(range(q.size)), label="free")[: min(q.size, 6)]
         plan = data.draw(self.chain_strategy(q, qi, list(free)), label="chain")
         self.write_plan(q, plan)
         self.publish(qi, plan.head)
+        return qi
 
     def chain_strategy(self, q: QueueModel, qi: int, free: list[int]) -> st.SearchStrategy[ChainPlan]:
         return descriptor_chains(
@@ -646,9 +650,11 @@ class _RequestRules:
         self.recover()  # type: ignore[attr-defined]
 
     def _submit_and_kick(self, data: st.DataObject) -> None:
+        queues = set()
         for _ in range(data.draw(st.integers(1, 3), label="chains")):
-            self.submit(data)  # type: ignore[attr-defined]
-        self.notify(0)  # type: ignore[attr-defined]
+            queues.add(self._submit_returning(data))  # type: ignore[attr-defined]
+        for qi in sorted(q for q in queues if q is not None) or [0]:
+            self.notify(qi)  # type: ignore[attr-defined]
 
     @rule(data=st.data())
     def request(self, data: st.DataObject) -> None:
