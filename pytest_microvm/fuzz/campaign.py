@@ -111,6 +111,10 @@ def _worker(
         sent_behaviours |= new
         q.put(("progress", job, FuzzMachine.examples_started - before, sorted(new)))
         if failure is not None:
+            inner = getattr(failure, "exceptions", None)
+            if inner:  # FlakyFailure: the failure did not replay (timing); report what failed first
+                failure = inner[0]
+                failure.add_note("(flaky: this failure did not happen again when Hypothesis replayed it)")
             try:
                 path = str(write_reproducer(Path(out), target, machine, failure))
             except Exception as e:  # the finding itself must still be reported

@@ -94,6 +94,9 @@ class Watchdog:
         self._target: int | None = None
         self._budget = 0.0
         self.fired = 0
+        self.what = ""
+        self.last_fired = ""
+        self._fire_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="fuzz-watchdog", daemon=True)
         self._thread.start()
 
@@ -104,10 +107,11 @@ class Watchdog:
                 cls._instance = Watchdog()
             return cls._instance
 
-    def arm(self, budget: float) -> None:
+    def arm(self, budget: float, what: str = "") -> None:
         self._budget = budget
-        self._target = threading.get_ident()
+        self.what = what
         self._deadline = time.monotonic() + budget
+        self._target = threading.get_ident()
 
     def disarm(self) -> None:
         self._target = None
@@ -118,17 +122,22 @@ class Watchdog:
             target = self._target
             if target is None or time.monotonic() < self._deadline:
                 continue
-            self._target = None
-            self.fired += 1
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(StepTimeout))
+            with self._fire_lock:
+                if self._target != target:  # the step ended meanwhile
+                    continue
+                self._target = None
+                self.fired += 1
+                self.last_fired = f"{self.what} ran past {self._budget} s"
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(target), ctypes.py_object(StepTimeout))
 
     @contextlib.contextmanager
-    def step(self, budget: float) -> Iterator[None]:
-        self.arm(budget)
+    def step(self, budget: float, what: str = "") -> Iterator[None]:
+        self.arm(budget, what)
         try:
             yield
         finally:
-            self.disarm()
+            with self._fire_lock:
+                self.disarm()
 
 
 # ---- host memory ------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import tempfile
 import time
 from typing import Any
@@ -35,7 +36,7 @@ from hypothesis.stateful import invariant, rule
 
 from ..models.virtio import NEEDS_RESET, REG
 from ..oracles import covered, violation
-from ..strategies import Access, net_frames
+from ..strategies import Access, interesting_ints, net_frames
 from ..tracing import READ, VIEW, WRITE
 from .virtio import RING_AREA, VirtioMachine, _RequestRules, writable_anywhere
 
@@ -53,6 +54,8 @@ class AsyncDeviceMachine(_RequestRules, VirtioMachine):
         super().__init__()
         self.mem.max_reads = 1 << 30  # the worker reads between steps: bounded per step below instead
         self.allowed_writes: list[tuple[int, int]] = []
+        #: Buffers published as device-readable: a view of one may be a read (TX data).
+        self.readable_ever: list[tuple[int, int]] = []
         self.log_pos = 0
         self.quiet_since: int | None = None
 
@@ -73,8 +76,11 @@ class AsyncDeviceMachine(_RequestRules, VirtioMachine):
             if 0 < q.size <= self.queue_max and self.ram.contains(q.used, 6 + 8 * q.size):
                 self.allowed_writes.append(q.used_area())
                 self.allowed_writes.extend(writable_anywhere(self.ram, q))
+                self.readable_ever.extend(writable_anywhere(self.ram, q, readable=True))
         if len(self.allowed_writes) > 4096:
             self.allowed_writes = sorted(set(self.allowed_writes))
+        if len(self.readable_ever) > 4096:
+            self.readable_ever = sorted(set(self.readable_ever))
 
     def _sync_from_device(self) -> None:
         """Adopt what the device changed on its own: NEEDS_RESET and interrupt bits."""
@@ -89,8 +95,9 @@ class AsyncDeviceMachine(_RequestRules, VirtioMachine):
         if ints & ~3:
             raise violation("interrupt-status-real-events", f"InterruptStatus {ints:#x}")
         self.model.status, self.model.interrupt_status = status, ints
-        for mq, (na, nu, sig) in zip(self.model.queues, queues):
-            mq.next_avail, mq.next_used, mq.signalled = na, nu, sig
+        # Ring indices are not adopted: rules draw from the driver's own state only, so that a
+        # replay draws the same data whatever the device thread did meanwhile.
+        del queues
 
     def apply(self, a: Access) -> int:
         self._sync_from_device()
@@ -132,13 +139,40 @@ class AsyncDeviceMachine(_RequestRules, VirtioMachine):
         if reads > 64 * self.queue_max * self.queue_max + 4096:
             raise violation("bounded-work-per-kick", f"notify({index}) made {reads} guest reads")
 
-    def _toctou(self, qi: int) -> None:
-        self._remember_writable()
-        self.notify(qi)
-        self._remember_writable()
+    @rule(data=st.data())
+    def restore_ring_state(self, data: st.DataObject) -> None:
+        """As in VirtioMachine, but drawing first: which queues are ready depends on the device thread."""
+        na = data.draw(interesting_ints(16), label="next_avail")
+        nu = data.draw(interesting_ints(16), label="next_used")
+        ready = [i for i, q in enumerate(self.model.queues) if q.ready]
+        if ready:
+            with self.step("restore_state"):
+                self.transport.queues[ready[0]].restore_state(na, nu)
 
-    def _check_ring(self, index: int, res: Any, reads: int) -> None:  # pragma: no cover - not used here
-        pass
+    @rule(data=st.data())
+    def toctou_kick(self, data: st.DataObject) -> None:
+        """As in VirtioMachine, but every draw happens whatever the device's (asynchronous) state."""
+        nth = data.draw(st.integers(0, 12), label="after read")
+        value = data.draw(interesting_ints(64), label="value")
+        ready = [i for i, q in enumerate(self.model.queues) if q.ready]
+        if not ready:
+            return
+        qi = ready[0]
+        q = self.model.queues[qi]
+        start = self.mem.reads_served
+        ram = self.ram
+
+        def hook(n: int, gpa: int, length: int) -> None:
+            if n - start == nth and ram.contains(q.desc, 16 * q.size):
+                ram.write(q.desc + 16 * (value % q.size), struct.pack("<QQ", value, value >> 5))
+
+        self.mem.add_read_hook(hook)
+        try:
+            self._remember_writable()
+            self.notify(qi)
+        finally:
+            self.mem.clear_read_hooks()
+        self._remember_writable()
 
     # ---- invariants -------------------------------------------------------------------------------
     @invariant()
@@ -169,7 +203,12 @@ class AsyncDeviceMachine(_RequestRules, VirtioMachine):
                 )
             if acc.kind == WRITE and not covered(allowed, acc.gpa, acc.length):
                 raise violation("writes-only-to-writable-and-used", f"device wrote {acc.gpa:#x}+{acc.length:#x}")
-            if acc.kind == VIEW and not covered(allowed, acc.gpa, acc.length) and acc.gpa < RING_AREA[1]:
+            if (
+                acc.kind == VIEW
+                and acc.gpa < RING_AREA[1]
+                and not covered(allowed, acc.gpa, acc.length)
+                and not covered(self.readable_ever, acc.gpa, acc.length)
+            ):
                 raise violation(
                     "writes-only-to-writable-and-used",
                     f"device took a view of ring memory {acc.gpa:#x}+{acc.length:#x}",

@@ -46,7 +46,7 @@ class FuzzMachine(RuleBasedStateMachine):
     ) -> Iterator[None]:
         self.steps += 1
         mem = self.memory_bound.step(what, allowance) if self.memory_bound else contextlib.nullcontext()
-        with self.watchdog.step(self.step_budget), guarded(what, allowed), mem:
+        with self.watchdog.step(self.step_budget, what), guarded(what, allowed), mem:
             yield
 
     def note(self, label: str) -> None:

@@ -429,11 +429,15 @@ class VirtioMachine(FuzzMachine):
         self.model.config_changed()
 
     # ---- rules: the rings ------------------------------------------------------------------------------------
+    def _driver_queue(self, qi: int) -> QueueModel:
+        """The queue as the driver set it up (the model's view; async machines keep their own)."""
+        return self.model.queues[qi]
+
     def _ready_queue(self, data: st.DataObject) -> int | None:
         qs = [
             i
-            for i, q in enumerate(self.model.queues)
-            if q.size and q.size <= 32768 and self.ram.contains(q.desc, 16 * q.size)
+            for i in range(len(self.model.queues))
+            if 0 < (q := self._driver_queue(i)).size <= 32768 and self.ram.contains(q.desc, 16 * q.size)
         ]
         if not qs:
             return None
@@ -448,7 +452,7 @@ class VirtioMachine(FuzzMachine):
         qi = self._ready_queue(data)
         if qi is None:
             return None
-        q = self.model.queues[qi]
+        q = self._driver_queue(qi)
         if not (self.ram.contains(q.avail, 6 + 2 * q.size) and self.ram.contains(q.desc, 16 * q.size)):
             return None
         free = data.draw(st.permutations(range(q.size)), label="free")[: min(q.size, 6)]
@@ -490,7 +494,7 @@ class VirtioMachine(FuzzMachine):
                 self.ram.write(addr, blob)
 
     def publish(self, qi: int, head: int) -> None:
-        q = self.model.queues[qi]
+        q = self._driver_queue(qi)
         idx = self.avail_idx[qi]
         self.ram.write_u16(q.avail + 4 + 2 * (idx % q.size), head & 0xFFFF)
         self.avail_idx[qi] = (idx + 1) & 0xFFFF
@@ -502,7 +506,7 @@ class VirtioMachine(FuzzMachine):
         qi = self._ready_queue(data)
         if qi is None:
             return
-        q = self.model.queues[qi]
+        q = self._driver_queue(qi)
         if not self.ram.contains(q.avail, 4):
             return
         value = data.draw(avail_indices(q.next_avail, q.size), label="avail.idx")
@@ -517,7 +521,7 @@ class VirtioMachine(FuzzMachine):
         qi = self._ready_queue(data)
         if qi is None:
             return
-        q = self.model.queues[qi]
+        q = self._driver_queue(qi)
         if not (self.ram.contains(q.avail, 6 + 2 * q.size) and self.ram.contains(q.used, 6 + 8 * q.size)):
             return
         v = data.draw(interesting_ints(16), label="value")
@@ -728,8 +732,12 @@ class BlkMachine(_RequestRules, VirtioMachine):
         return st.one_of(super().chain_strategy(q, qi, free), blk, blk, blk)
 
 
-def writable_anywhere(mem: GuestMemory, q: QueueModel, max_indirect: int = 64) -> list[tuple[int, int]]:
-    """Every buffer any descriptor of ``q`` (or an indirect table it names) marks device-writable."""
+def writable_anywhere(
+    mem: GuestMemory, q: QueueModel, max_indirect: int = 64, *, readable: bool = False
+) -> list[tuple[int, int]]:
+    """Every buffer any descriptor of ``q`` (or an indirect table it names) marks device-writable
+    (or, with ``readable``, device-readable)."""
+    want = 0 if readable else 2
     out: list[tuple[int, int]] = []
     if not mem.contains(q.desc, 16 * q.size):
         return out
@@ -738,9 +746,9 @@ def writable_anywhere(mem: GuestMemory, q: QueueModel, max_indirect: int = 64) -
         if flags & 4 and length % 16 == 0 and mem.contains(addr, length):
             for k in range(min(length // 16, max_indirect)):
                 a, n, f, _ = _DESC.unpack(mem.read(addr + 16 * k, 16))
-                if f & 2:
+                if f & 2 == want:
                     out.append((a, n))
-        elif flags & 2:
+        elif flags & 2 == want:
             out.append((addr, length))
     return out
 
