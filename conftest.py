@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 try:
-    from hypothesis import HealthCheck, settings
+    from hypothesis import HealthCheck, Phase, settings
 except ImportError:  # hypothesis is an optional extra
     settings = None
 
@@ -19,6 +19,11 @@ if settings is not None:
         "ci",
         max_examples=60,
         derandomize=True,
+        # No "explain" phase: it re-runs a failure under a line tracer, which costs minutes on
+        # the stateful device fuzzers and adds nothing the falsifying program does not show.
+        phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
+        # One bug at a time: shrinking several distinct failures of a broken device takes minutes.
+        report_multiple_bugs=False,
         deadline=None,
         print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     guest = sub.add_parser("guest", help="build the reference guests")
     guest.add_argument("action", choices=["build", "path"])
     guest.add_argument("names", nargs="*")
+    fuzz = sub.add_parser("fuzz", help="fuzz a device model (Hypothesis campaign; needs the fuzz extra)")
+    try:
+        from pytest_microvm.fuzz.campaign import add_arguments
+    except ImportError:  # the fuzzing package (or Hypothesis) is not installed
+        fuzz.add_argument("target")
+    else:
+        add_arguments(fuzz)
     return parser
 
 
@@ -221,6 +228,15 @@ def cmd_guest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    try:
+        from pytest_microvm.fuzz.campaign import main as fuzz_main
+    except ImportError as exc:
+        print(f"microvm fuzz: needs the fuzz extra (pip install pytest-microvm[fuzz]): {exc}", file=sys.stderr)
+        return EXIT_VMM_ERROR
+    return fuzz_main(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -233,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_host_info(args)
         if args.command == "guest":
             return cmd_guest(args)
+        if args.command == "fuzz":
+            return cmd_fuzz(args)
     except VmmError as exc:
         print(f"microvm: {exc}", file=sys.stderr)
         return EXIT_VMM_ERROR

@@ -60,6 +60,7 @@ GUESTS = (
     "virtio_vsock",
     "blkbench",
     "agent",
+    "fuzzagent",
 )
 #: Sources outside ``programs/`` that a guest links in, relative to the kit's
 #: parent (``guests/``): the exec agent shares its protocol core with the

@@ -1,0 +1,1 @@
+"""Reference models the devices are compared with after every fuzzing step."""
