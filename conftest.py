@@ -1,7 +1,7 @@
 """Project-wide test configuration: Hypothesis profiles.
 
-- ci: bounded and deterministic, part of every test run (`--hypothesis-profile=ci`).
-- dev: the default locally: more examples, still quick.
+- ci: bounded and deterministic, the default: part of every test run.
+- dev: more examples, still quick (HYPOTHESIS_PROFILE=dev or --hypothesis-profile=dev).
 - campaign: long runs (`microvm fuzz` and `-m campaign`).
 """
 
@@ -36,4 +36,4 @@ if settings is not None:
         print_blob=True,
         suppress_health_check=list(HealthCheck),
     )
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

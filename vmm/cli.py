@@ -76,7 +76,7 @@ def _add_machine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvm", default="/dev/kvm", help=argparse.SUPPRESS)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="microvm", description="A KVM microVM monitor for testing guests.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="boot a guest; serial output on stdout", description=__doc__,
@@ -89,9 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     guest.add_argument("action", choices=["build", "path"])
     guest.add_argument("names", nargs="*")
     fuzz = sub.add_parser("fuzz", help="fuzz a device model (Hypothesis campaign; needs the fuzz extra)")
-    try:
-        from pytest_microvm.fuzz.campaign import add_arguments
-    except ImportError:  # the fuzzing package (or Hypothesis) is not installed
+    args = list(sys.argv[1:] if argv is None else argv)
+    add_arguments = None
+    if args[:1] == ["fuzz"]:  # the campaign module (Hypothesis) costs start-up time: only for `fuzz`
+        try:
+            from pytest_microvm.fuzz.campaign import add_arguments
+        except ImportError:  # the fuzzing package (or Hypothesis) is not installed
+            pass
+    if add_arguments is None:
         fuzz.add_argument("target")
     else:
         add_arguments(fuzz)
@@ -238,7 +243,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     from .errors import VmmError
 
