@@ -92,16 +92,18 @@ def _fake_loader(name: str, marker: bytes, calls: list):
 
 def test_optional_loaders_are_asked_first_in_order(tmp_path, memory, monkeypatch):
     calls: list = []
+    mb_magic = b"\x02\xb0\xad\x1b"  # 0x1BADB002, little-endian
     monkeypatch.setitem(sys.modules, "vmm.boot.hermit", _fake_loader("hermit", b"HERMIT", calls))
     monkeypatch.setitem(sys.modules, "vmm.boot.multiboot", _fake_loader("multiboot", b"MB", calls))
-    assert boot(tmp_path, memory, b"MB" + bytes(100)).protocol == "multiboot"
+    assert boot(tmp_path, memory, b"MB" + mb_magic + b"HERMIT\0").protocol == "multiboot"
     assert calls == [("hermit", "probe"), ("multiboot", "probe"), ("multiboot", "load")]
     calls.clear()
-    assert boot(tmp_path, memory, b"HERMIT").protocol == "hermit"
+    assert boot(tmp_path, memory, b"HERMIT\0" + mb_magic).protocol == "hermit"
     assert calls == [("hermit", "probe"), ("hermit", "load")]
     calls.clear()
+    # Without their byte signatures, the optional loaders are not even imported or asked.
     assert boot(tmp_path, memory, make_bzimage()).protocol == "linux-bzimage"
-    assert calls == [("hermit", "probe"), ("multiboot", "probe")]
+    assert calls == []
 
 
 def test_absent_optional_loaders_are_skipped(tmp_path, memory, monkeypatch):

@@ -32,6 +32,14 @@ def _optional(name: str) -> ModuleType | None:
         raise
 
 
+#: Byte patterns without which an image cannot be of that kind: the Hermit note's owner
+#: name, and the multiboot v1 header magic 0x1BADB002 (which must lie in the first 8 KiB).
+_QUICK_SIGNS = {
+    "hermit": lambda data: b"HERMIT\0" in data,
+    "multiboot": lambda data: b"\x02\xb0\xad\x1b" in data[: 8192 + 4],
+}
+
+
 def load(request: BootRequest) -> BootSetup:
     """Load ``request.kernel`` in whatever supported format it is."""
     from . import linux, pvh, setup_header
@@ -40,7 +48,9 @@ def load(request: BootRequest) -> BootSetup:
 
     path = str(request.kernel)
     data = read_image(request.kernel, "kernel")
-    for name in ("hermit", "multiboot"):
+    for name, maybe in _QUICK_SIGNS.items():
+        if not maybe(data):  # cheap pre-check: importing the loader costs start-up time
+            continue
         module = _optional(name)
         if module is not None and module.probe(data):
             return module.load(request, data)
