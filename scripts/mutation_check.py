@@ -70,7 +70,7 @@ MUTATIONS = (
         (
             (
                 QUEUE,
-                '                if not mem.contains(addr, length):\n                    raise self._fail(\n                        "buffer-outside-ram"',
+                '                if not contains(addr, length):\n                    raise self._fail(\n                        "buffer-outside-ram"',
                 '                if False:\n                    raise self._fail(\n                        "buffer-outside-ram"',
             ),
         ),
