@@ -45,7 +45,7 @@ from typing import Any
 from .device import VIRTIO_ID_CONSOLE, DeviceLink, VirtioDevice
 from .queue import DescriptorChain
 from .unixsock import UnixListener
-from .worker import EVENT_READ, EVENT_WRITE, DeviceWorker
+from .worker import EVENT_READ, EVENT_WRITE, DeviceWorker, HostSideWorkerMixin
 
 # ---- §5.3.3 Feature bits ---------------------------------------------------------
 VIRTIO_CONSOLE_F_SIZE = 0
@@ -66,10 +66,11 @@ DEFAULT_TX_BUFFER = 64 * 1024
 _TX_BUDGET_BUFFERS = 4
 
 
-class VirtioConsole(VirtioDevice):
+class VirtioConsole(HostSideWorkerMixin, VirtioDevice):
     """A single-port console whose host side is a Unix socket at ``path``."""
 
     device_id = VIRTIO_ID_CONSOLE
+    worker_label = "virtio-console"
     name = "console"
 
     def __init__(
@@ -110,17 +111,9 @@ class VirtioConsole(VirtioDevice):
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(0, 0, 0, 0)
 
-    def _start_worker(self) -> DeviceWorker:
-        worker = DeviceWorker(f"virtio-console {self.path}", self._loop, self._worker_crashed)
-        worker.start()
-        return worker
-
     def activate(self, link: DeviceLink) -> None:
         super().activate(link)
-        if not self._worker.alive:  # a bug ended the thread (the driver saw NEEDS_RESET): start afresh
-            self._worker.stop()
-            self._worker = self._start_worker()
-        self._worker.wake()  # host bytes may be waiting for the new driver
+        self._ensure_worker()
 
     def reset(self) -> None:
         with self._lock:
@@ -337,10 +330,6 @@ class VirtioConsole(VirtioDevice):
 
         return run
 
-    def _worker_crashed(self, exc: BaseException) -> None:
-        link = self.link
-        if link is not None:
-            self._worker.run_locked(link, lambda: link.needs_reset(f"virtio-console thread failed: {exc!r}"))
 
 
 def from_spec(spec: Any) -> VirtioConsole:

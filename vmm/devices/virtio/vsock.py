@@ -68,7 +68,7 @@ from ...errors import DeviceError
 from .device import VIRTIO_ID_VSOCK, DeviceLink, VirtioDevice, bit
 from .queue import DescriptorChain
 from .unixsock import UNIX_PATH_MAX, UnixListener, check_path, connect_unix
-from .worker import EVENT_READ, EVENT_WRITE, DeviceWorker
+from .worker import EVENT_READ, EVENT_WRITE, DeviceWorker, HostSideWorkerMixin
 
 # ---- §5.10.3 Feature bits -------------------------------------------------------------
 VIRTIO_VSOCK_F_STREAM = 0
@@ -205,10 +205,11 @@ class _Conn:
         )
 
 
-class VirtioVsock(VirtioDevice):
+class VirtioVsock(HostSideWorkerMixin, VirtioDevice):
     """A vsock device for guest ``cid`` whose host side is the Unix socket ``path``."""
 
     device_id = VIRTIO_ID_VSOCK
+    worker_label = "virtio-vsock"
     name = "vsock"
 
     def __init__(
@@ -267,17 +268,9 @@ class VirtioVsock(VirtioDevice):
     def config_bytes(self) -> bytes:
         return _CONFIG.pack(self.cid)
 
-    def _start_worker(self) -> DeviceWorker:
-        worker = DeviceWorker(f"virtio-vsock {self.path}", self._loop, self._worker_crashed)
-        worker.start()
-        return worker
-
     def activate(self, link: DeviceLink) -> None:
         super().activate(link)
-        if not self._worker.alive:  # a bug ended the thread (the driver saw NEEDS_RESET): start afresh
-            self._worker.stop()
-            self._worker = self._start_worker()
-        self._worker.wake()  # host connections may be waiting for the driver
+        self._ensure_worker()
 
     def reset(self) -> None:
         """Every connection the driver knew of is gone; host connections it never heard of wait on."""
@@ -856,10 +849,6 @@ class VirtioVsock(VirtioDevice):
         del conn.tx_buf[:n]
         self._forwarded(conn, n)
 
-    def _worker_crashed(self, exc: BaseException) -> None:
-        link = self.link
-        if link is not None:
-            self._worker.run_locked(link, lambda: link.needs_reset(f"virtio-vsock thread failed: {exc!r}"))
 
 
 def from_spec(spec: Any) -> VirtioVsock:

@@ -186,3 +186,33 @@ class DeviceWorker:
             return bool(link.run_locked(fn))
         finally:
             lock.release()
+
+
+class HostSideWorkerMixin:
+    """For virtio devices whose host side outlives drivers (console, vsock): one worker
+    thread from construction to ``close()``, restarted at ``activate`` when a bug ended
+    it, and a crash asks the driver for DEVICE_NEEDS_RESET.
+
+    The device sets ``worker_label`` and ``path`` and defines ``_loop(worker)``.
+    """
+
+    worker_label: str
+    path: str
+    _worker: DeviceWorker
+
+    def _start_worker(self) -> DeviceWorker:
+        worker = DeviceWorker(f"{self.worker_label} {self.path}", self._loop, self._worker_crashed)  # type: ignore[attr-defined]
+        worker.start()
+        return worker
+
+    def _ensure_worker(self) -> None:
+        """Called from ``activate``: a bug ended the thread (the driver saw NEEDS_RESET): start afresh."""
+        if not self._worker.alive:
+            self._worker.stop()
+            self._worker = self._start_worker()
+        self._worker.wake()  # host work may be waiting for the new driver
+
+    def _worker_crashed(self, exc: BaseException) -> None:
+        link = self.link  # type: ignore[attr-defined]
+        if link is not None:
+            self._worker.run_locked(link, lambda: link.needs_reset(f"{self.worker_label} thread failed: {exc!r}"))
