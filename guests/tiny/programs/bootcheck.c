@@ -12,6 +12,7 @@
  *   smp_timeout_ms=N            how long to wait for the APs (default 2000)
  */
 #include "bootparam.h"
+#include "tap.h"
 #include "tiny.h"
 
 const char tiny_guest_name[] = "bootcheck";
@@ -19,39 +20,12 @@ const char tiny_guest_name[] = "bootcheck";
 #define PLAN 19
 #define MIB (1ull << 20)
 
-static int n_test, n_fail;
-
-static void result(bool ok, const char *name, const char *fmt, ...) PRINTF_LIKE(3, 4);
-static void result(bool ok, const char *name, const char *fmt, ...)
-{
-	char detail[256] = "";
-	if (fmt) {
-		va_list ap;
-		va_start(ap, fmt);
-		vsnprintf(detail, sizeof(detail), fmt, ap);
-		va_end(ap);
-	}
-	n_test++;
-	if (!ok)
-		n_fail++;
-	if (detail[0])
-		printf("%sok %d - %s # %s\n", ok ? "" : "not ", n_test, name, detail);
-	else
-		printf("%sok %d - %s\n", ok ? "" : "not ", n_test, name);
-}
-
-static void skip(const char *name, const char *why)
-{
-	n_test++;
-	printf("ok %d - %s # SKIP %s\n", n_test, name, why);
-}
-
 /* ---- CPU ---- */
 static void check_long_mode(void)
 {
 	uint64_t efer = rdmsr(MSR_EFER), cr0 = read_cr(0), cr4 = read_cr(4);
 	bool ok = (efer & EFER_LMA) && (efer & EFER_LME) && (cr0 & CR0_PG) && (cr4 & CR4_PAE);
-	result(ok, "long mode active", ok ? NULL : "efer %#lx cr0 %#lx cr4 %#lx", efer, cr0, cr4);
+	tap_result(ok, "long mode active", ok ? NULL : "efer %#lx cr0 %#lx cr4 %#lx", efer, cr0, cr4);
 }
 
 static void check_cpuid(void)
@@ -59,7 +33,7 @@ static void check_cpuid(void)
 	uint32_t a, b, c, d, max;
 	cpuid(0, 0, &max, &b, &c, &d);
 	cpuid(1, 0, &a, &b, &c, &d);
-	result(c & (1u << 31), "cpuid hypervisor bit", c & (1u << 31) ? NULL : "leaf 1 ecx %#x", c);
+	tap_result(c & (1u << 31), "cpuid hypervisor bit", c & (1u << 31) ? NULL : "leaf 1 ecx %#x", c);
 
 	uint32_t lapic = lapic_id();
 	uint32_t initial = b >> 24;
@@ -68,17 +42,17 @@ static void check_cpuid(void)
 	if (b3 >> 24 != initial)	/* a host fact worth seeing, not a loader failure */
 		printf("# note: cpuid in ring 3 reports apic id %u, in ring 0 %u: this host does not intercept "
 		       "ring-3 cpuid\n", b3 >> 24, initial);
-	result(initial == lapic, "apic id: cpuid leaf 1 matches the local APIC",
+	tap_result(initial == lapic, "apic id: cpuid leaf 1 matches the local APIC",
 	       "cpuid %u, lapic %u", initial, lapic);
 	if (max < 0xb) {
-		skip("apic id: cpuid leaf 0xb matches the local APIC", "no leaf 0xb");
+		tap_skip("apic id: cpuid leaf 0xb matches the local APIC", "no leaf 0xb");
 		return;
 	}
 	cpuid(0xb, 0, &a, &b, &c, &d);
 	if (!b)
-		skip("apic id: cpuid leaf 0xb matches the local APIC", "leaf 0xb not populated");
+		tap_skip("apic id: cpuid leaf 0xb matches the local APIC", "leaf 0xb not populated");
 	else
-		result(d == lapic, "apic id: cpuid leaf 0xb matches the local APIC", "x2apic id %u, lapic %u", d, lapic);
+		tap_result(d == lapic, "apic id: cpuid leaf 0xb matches the local APIC", "x2apic id %u, lapic %u", d, lapic);
 }
 
 /* ---- boot information ---- */
@@ -89,35 +63,35 @@ static void check_entry_magic(void)
 	switch (boot.proto) {
 	case PROTO_PVH: {
 		if (!addr_ok(info, sizeof(struct hvm_start_info))) {
-			result(false, name, "hvm_start_info at %#lx is beyond 4 GiB", info);
+			tap_result(false, name, "hvm_start_info at %#lx is beyond 4 GiB", info);
 			return;
 		}
 		const struct hvm_start_info *si = (const void *)info;
-		result(si->magic == XEN_HVM_START_MAGIC_VALUE, name, "pvh: hvm_start_info at %#lx magic %#x version %u",
+		tap_result(si->magic == XEN_HVM_START_MAGIC_VALUE, name, "pvh: hvm_start_info at %#lx magic %#x version %u",
 		       info, si->magic, si->version);
 		return;
 	}
 	case PROTO_MULTIBOOT:
-		result(boot.entry_eax == MULTIBOOT_BOOTLOADER_MAGIC, name, "multiboot: eax %#x, info at %#lx",
+		tap_result(boot.entry_eax == MULTIBOOT_BOOTLOADER_MAGIC, name, "multiboot: eax %#x, info at %#lx",
 		       boot.entry_eax, info);
 		return;
 	case PROTO_LINUX64:
 	case PROTO_LINUX32:
 	case PROTO_LINUX16: {
 		if (!addr_ok(info, 4096)) {
-			result(false, name, "boot_params at %#lx is beyond 4 GiB", info);
+			tap_result(false, name, "boot_params at %#lx is beyond 4 GiB", info);
 			return;
 		}
 		uint16_t flag = *(const uint16_t *)(info + BP_BOOT_FLAG);
 		uint32_t hdrs = *(const uint32_t *)(info + BP_HEADER);
 		uint16_t version = *(const uint16_t *)(info + BP_VERSION);
-		result(flag == BOOT_FLAG_MAGIC && hdrs == HDRS_MAGIC && version >= 0x200, name,
+		tap_result(flag == BOOT_FLAG_MAGIC && hdrs == HDRS_MAGIC && version >= 0x200, name,
 		       "%s: boot_params at %#lx boot_flag %#x header %#x version %#x", boot.proto_name, info, flag,
 		       hdrs, version);
 		return;
 	}
 	default:
-		result(false, name, "unknown entry protocol %d", boot.proto);
+		tap_result(false, name, "unknown entry protocol %d", boot.proto);
 	}
 }
 
@@ -126,11 +100,11 @@ static void check_cmdline(void)
 	const char *name = "cmdline pointer and bytes";
 	uint64_t a = boot.cmdline_addr;
 	if (!a) {
-		result(false, name, "no cmdline pointer");
+		tap_result(false, name, "no cmdline pointer");
 		return;
 	}
 	if (!addr_ok(a, 1)) {
-		result(false, name, "cmdline at %#lx is beyond 4 GiB", a);
+		tap_result(false, name, "cmdline at %#lx is beyond 4 GiB", a);
 		return;
 	}
 	const char *s = (const char *)a;
@@ -139,17 +113,17 @@ static void check_cmdline(void)
 	while (n < limit && addr_ok(a, n + 1) && s[n])
 		n++;
 	if (n == limit) {
-		result(false, name, "no NUL within %lu bytes at %#lx", limit, a);
+		tap_result(false, name, "no NUL within %lu bytes at %#lx", limit, a);
 		return;
 	}
 	for (uint64_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)s[i];
 		if (c < 0x20 || c > 0x7e) {
-			result(false, name, "byte %#x at offset %lu is not printable", c, i);
+			tap_result(false, name, "byte %#x at offset %lu is not printable", c, i);
 			return;
 		}
 	}
-	result(true, name, "%lu bytes at %#lx", n, a);
+	tap_result(true, name, "%lu bytes at %#lx", n, a);
 }
 
 static bool overlaps(const struct mem_range *x, const struct mem_range *y)
@@ -159,7 +133,7 @@ static bool overlaps(const struct mem_range *x, const struct mem_range *y)
 
 static void check_memory_map(void)
 {
-	result(boot.n_mem > 0 && !boot.mem_truncated, "memory map present", "%d entries%s", boot.n_mem,
+	tap_result(boot.n_mem > 0 && !boot.mem_truncated, "memory map present", "%d entries%s", boot.n_mem,
 	       boot.mem_truncated ? ", truncated" : "");
 
 	int bad_i = -1, bad_j = -1;
@@ -170,11 +144,11 @@ static void check_memory_map(void)
 				break;
 			}
 	if (bad_i >= 0)
-		result(false, "memory map has no overlaps", "[%#lx, +%#lx) type %u overlaps [%#lx, +%#lx) type %u",
+		tap_result(false, "memory map has no overlaps", "[%#lx, +%#lx) type %u overlaps [%#lx, +%#lx) type %u",
 		       boot.mem[bad_i].addr, boot.mem[bad_i].size, boot.mem[bad_i].type, boot.mem[bad_j].addr,
 		       boot.mem[bad_j].size, boot.mem[bad_j].type);
 	else
-		result(true, "memory map has no overlaps", NULL);
+		tap_result(true, "memory map has no overlaps", NULL);
 
 	uint64_t k0 = (uint64_t)_start, k1 = (uint64_t)_end;
 	bool covered = false;
@@ -183,19 +157,19 @@ static void check_memory_map(void)
 		if (m->type == E820_RAM && m->addr <= k0 && k1 <= m->addr + m->size)
 			covered = true;
 	}
-	result(covered, "memory map: a RAM entry covers the kernel", "kernel [%#lx, %#lx)", k0, k1);
+	tap_result(covered, "memory map: a RAM entry covers the kernel", "kernel [%#lx, %#lx)", k0, k1);
 
 	uint64_t total = 0;
 	for (int i = 0; i < boot.n_mem; i++)
 		if (boot.mem[i].type == E820_RAM)
 			total += boot.mem[i].size;
 	if (!cmdline_has("mem_mib")) {
-		skip("memory map: total RAM matches mem_mib", "no mem_mib= on the cmdline");
+		tap_skip("memory map: total RAM matches mem_mib", "no mem_mib= on the cmdline");
 		return;
 	}
 	/* Everything but the legacy area below 1 MiB (EBDA, VGA, BIOS) must be RAM. */
 	uint64_t want = cmdline_u64("mem_mib", 0) * MIB;
-	result(total <= want && total + MIB >= want, "memory map: total RAM matches mem_mib",
+	tap_result(total <= want && total + MIB >= want, "memory map: total RAM matches mem_mib",
 	       "RAM %lu KiB, mem_mib %lu KiB", total >> 10, want >> 10);
 }
 
@@ -204,23 +178,23 @@ static void check_initrd(void)
 	bool have_size = cmdline_has("initrd_size"), have_sum = cmdline_has("initrd_sum");
 	uint64_t size = cmdline_u64("initrd_size", 0);
 	if (!have_size)
-		skip("initrd size", "no initrd_size= on the cmdline");
+		tap_skip("initrd size", "no initrd_size= on the cmdline");
 	else
-		result(boot.initrd_size == size && (size == 0 || boot.initrd_addr), "initrd size",
+		tap_result(boot.initrd_size == size && (size == 0 || boot.initrd_addr), "initrd size",
 		       "loader says %lu bytes at %#lx, cmdline %lu", boot.initrd_size, boot.initrd_addr, size);
 
 	if (!have_sum) {
-		skip("initrd checksum", "no initrd_sum= on the cmdline");
+		tap_skip("initrd checksum", "no initrd_sum= on the cmdline");
 		return;
 	}
 	uint32_t want = (uint32_t)cmdline_hex("initrd_sum", 0);
 	if (!addr_ok(boot.initrd_addr, boot.initrd_size) || (boot.initrd_size && !boot.initrd_addr)) {
-		result(false, "initrd checksum", "initrd [%#lx, +%#lx) is not reachable", boot.initrd_addr,
+		tap_result(false, "initrd checksum", "initrd [%#lx, +%#lx) is not reachable", boot.initrd_addr,
 		       boot.initrd_size);
 		return;
 	}
 	uint32_t got = crc32(0, (const void *)boot.initrd_addr, boot.initrd_size);
-	result(got == want, "initrd checksum", "crc32 %08x, cmdline %08x over %lu bytes", got, want, boot.initrd_size);
+	tap_result(got == want, "initrd checksum", "crc32 %08x, cmdline %08x over %lu bytes", got, want, boot.initrd_size);
 }
 
 /* ---- ACPI ---- */
@@ -254,7 +228,7 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 	char off[8] = "";
 	if (cmdline_get("acpi", off, sizeof(off)) && !strcmp(off, "off")) {
 		for (size_t i = 0; i < ARRAY_SIZE(names); i++)
-			skip(names[i], "acpi=off");
+			tap_skip(names[i], "acpi=off");
 		return;
 	}
 
@@ -262,10 +236,10 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 	uint64_t rsdp = acpi_find_rsdp(&how);
 	bool rsdp_ok = false;
 	if (!rsdp) {
-		result(false, names[0], "no RSDP from the loader, in the EBDA or in [%#x, %#x)", BIOS_AREA_START,
+		tap_result(false, names[0], "no RSDP from the loader, in the EBDA or in [%#x, %#x)", BIOS_AREA_START,
 		       BIOS_AREA_END);
 	} else if (!addr_ok(rsdp, sizeof(struct acpi_rsdp))) {
-		result(false, names[0], "RSDP at %#lx beyond 4 GiB", rsdp);
+		tap_result(false, names[0], "RSDP at %#lx beyond 4 GiB", rsdp);
 	} else {
 		const struct acpi_rsdp *r = (const void *)rsdp;
 		bool sig = !memcmp(r->signature, "RSD PTR ", 8);
@@ -273,12 +247,12 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 		bool ext = r->revision < 2 ||
 			   (r->length >= sizeof(*r) && addr_ok(rsdp, r->length) && acpi_sum_ok(r, r->length));
 		rsdp_ok = sig && sum && ext;
-		result(rsdp_ok, names[0], "at %#lx (%s), revision %u%s%s%s", rsdp, how, r->revision,
+		tap_result(rsdp_ok, names[0], "at %#lx (%s), revision %u%s%s%s", rsdp, how, r->revision,
 		       sig ? "" : ", bad signature", sum ? "" : ", bad checksum", ext ? "" : ", bad extended checksum");
 	}
 	if (!rsdp_ok) {
 		for (size_t i = 1; i < ARRAY_SIZE(names); i++)
-			result(false, names[i], "no usable RSDP");
+			tap_result(false, names[i], "no usable RSDP");
 		return;
 	}
 
@@ -287,11 +261,11 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 	char bad[96] = "";
 	const char *root_sig = esize == 8 ? "XSDT" : "RSDT";
 	bool root_ok = root && table_ok(root, bad, sizeof(bad)) && !memcmp((const void *)root, root_sig, 4);
-	result(root_ok, names[1], "%s at %#lx%s%s", root_sig, root, root_ok ? "" : ": ",
+	tap_result(root_ok, names[1], "%s at %#lx%s%s", root_sig, root, root_ok ? "" : ": ",
 	       root_ok ? "" : bad[0] ? bad : "bad signature");
 	if (!root_ok) {
 		for (size_t i = 2; i < ARRAY_SIZE(names); i++)
-			result(false, names[i], "no usable %s", root_sig);
+			tap_result(false, names[i], "no usable %s", root_sig);
 		return;
 	}
 
@@ -326,12 +300,12 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 			memcpy(bad, why, sizeof(why));
 		}
 	}
-	result(good == checked && checked > 0, names[2], "%s", bad[0] ? bad : sigs);
+	tap_result(good == checked && checked > 0, names[2], "%s", bad[0] ? bad : sigs);
 
 	const struct acpi_sdt *madt = acpi_find_table(rsdp, "APIC");
 	if (!madt) {
-		result(false, names[3], "no MADT (APIC) table");
-		result(false, names[4], "no MADT (APIC) table");
+		tap_result(false, names[3], "no MADT (APIC) table");
+		tap_result(false, names[4], "no MADT (APIC) table");
 		return;
 	}
 	int ioapics;
@@ -339,10 +313,10 @@ static void check_acpi(uint32_t *madt_ids, int *n_madt)
 	*n_madt = lapics;
 	uint64_t vcpus = cmdline_u64("vcpus", 0);
 	if (vcpus)
-		result(lapics == (int)vcpus, names[3], "%d enabled LAPICs, vcpus=%lu", lapics, vcpus);
+		tap_result(lapics == (int)vcpus, names[3], "%d enabled LAPICs, vcpus=%lu", lapics, vcpus);
 	else
-		result(lapics >= 1, names[3], "%d enabled LAPICs (no vcpus= on the cmdline)", lapics);
-	result(ioapics >= 1, names[4], "%d IOAPICs", ioapics);
+		tap_result(lapics >= 1, names[3], "%d enabled LAPICs (no vcpus= on the cmdline)", lapics);
+	tap_result(ioapics >= 1, names[4], "%d IOAPICs", ioapics);
 }
 
 /* ---- SMP ---- */
@@ -352,13 +326,13 @@ static void check_smp(const uint32_t *madt_ids, int n_madt)
 	const char *match = "smp: MADT APIC IDs match the running CPUs";
 	uint64_t vcpus = cmdline_u64("vcpus", 1);
 	if (vcpus < 2) {
-		skip(started, "vcpus < 2");
-		skip(match, "vcpus < 2");
+		tap_skip(started, "vcpus < 2");
+		tap_skip(match, "vcpus < 2");
 		return;
 	}
 	if (vcpus > MAX_CPUS) {
-		result(false, started, "vcpus=%lu exceeds the guest's %d", vcpus, MAX_CPUS);
-		skip(match, "too many vCPUs");
+		tap_result(false, started, "vcpus=%lu exceeds the guest's %d", vcpus, MAX_CPUS);
+		tap_skip(match, "too many vCPUs");
 		return;
 	}
 	int want = (int)vcpus - 1;
@@ -385,10 +359,10 @@ static void check_smp(const uint32_t *madt_ids, int n_madt)
 							 r->cpuid_apic_id);
 		}
 	}
-	result(ok, started, "%s", detail);
+	tap_result(ok, started, "%s", detail);
 
 	if (n_madt < 0) {
-		skip(match, "no MADT");
+		tap_skip(match, "no MADT");
 		return;
 	}
 	bool same = n_madt == cpus;
@@ -398,14 +372,15 @@ static void check_smp(const uint32_t *madt_ids, int n_madt)
 			found |= madt_ids[j] == ids[i];
 		same = found;
 	}
-	result(same, match, "%d in the MADT, %d running", n_madt, cpus);
+	tap_result(same, match, "%d in the MADT, %d running", n_madt, cpus);
 }
 
 int main(void)
 {
 	uint32_t madt_ids[MAX_CPUS];
 	int n_madt;
-	printf("TAP version 13\n1..%d\n", PLAN);
+	printf("TAP version 13\n");
+	tap_plan(PLAN);
 	check_long_mode();
 	check_entry_magic();
 	check_cpuid();
@@ -414,10 +389,5 @@ int main(void)
 	check_initrd();
 	check_acpi(madt_ids, &n_madt);
 	check_smp(madt_ids, n_madt);
-	if (n_test != PLAN) {
-		printf("# bootcheck ran %d checks but planned %d\n", n_test, PLAN);
-		n_fail++;
-	}
-	printf("# bootcheck: %d of %d checks failed\n", n_fail, n_test);
-	return n_fail;
+	return tap_done();
 }
