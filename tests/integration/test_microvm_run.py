@@ -150,3 +150,22 @@ def test_bad_options(args, expect):
     p = microvm(*args)
     assert p.returncode in (2, 254)
     assert expect in p.stderr.decode()
+
+
+def test_missing_kvm_device_is_a_clear_error(tmp_path):
+    p = microvm("--kernel", str(tiny_guest("hello")), "--kvm", str(tmp_path / "kvm"))
+    assert p.returncode == 254
+    err = p.stderr.decode().strip()
+    assert len(err.splitlines()) == 1
+    assert f"{tmp_path / 'kvm'} does not exist" in err and "modprobe kvm" in err
+
+
+def test_unusable_kvm_device_is_a_clear_error(tmp_path):
+    fake = tmp_path / "kvm"
+    fake.write_bytes(b"")
+    fake.chmod(0)
+    p = microvm("--kernel", str(tiny_guest("hello")), "--kvm", str(fake))
+    assert p.returncode == 254
+    err = p.stderr.decode().strip()
+    # Without root: a permission error; as root, the file opens and is then not a KVM device.
+    assert str(fake) in err and ("is not accessible" in err or "is not a KVM device" in err), err

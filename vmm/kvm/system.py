@@ -94,6 +94,11 @@ class Kvm:
         except OSError as exc:
             raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
         version = lib.mvm_ioctl_int(self.fd, lib.KVM_GET_API_VERSION, 0)
+        if version < 0:
+            os.close(self.fd)
+            raise KvmUnavailableError(
+                f"{path} is not a KVM device (KVM_GET_API_VERSION failed: {os.strerror(-version)})"
+            )
         if version != KVM_API_VERSION:
             os.close(self.fd)
             raise KvmUnavailableError(
