@@ -304,9 +304,9 @@ class QemuBackend:
         t.start()
         self._threads.append(t)
 
-    def _read_console(self) -> None:
-        assert self.proc is not None and self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
+    @staticmethod
+    def _pump(fd: int, sink: Callable[[bytes], None]) -> None:
+        """Hand everything read from ``fd`` to ``sink`` until EOF or an error."""
         while True:
             try:
                 data = os.read(fd, 65536)
@@ -314,30 +314,29 @@ class QemuBackend:
                 return
             if not data:
                 return
-            self.console_log.write(data)
+            sink(data)
+
+    def _read_console(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        self._pump(self.proc.stdout.fileno(), self.console_log.write)
 
     def _read_stderr(self) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        while True:
-            try:
-                data = os.read(fd, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            if len(self._stderr) < 1 << 20:
-                self._stderr += data
-            if b"KVM internal error" in self._stderr and self._requested is None:
-                text = self._stderr.decode("utf-8", "replace")
-                emulation = "Suberror: 1" in text or "emulation failure" in text
-                reason = ExitReason.EMULATION_FAILURE if emulation else ExitReason.KVM_ERROR
-                first = next(ln for ln in text.splitlines() if "KVM internal error" in ln)
-                rip = re.search(r"\b[RE]IP=([0-9a-f]+)", text)
-                detail = f"QEMU: {first.strip()}" + (f" at RIP {int(rip.group(1), 16):#x}" if rip else "")
-                timer = threading.Timer(INTERNAL_ERROR_GRACE_S, self.request_exit, (reason, detail))
-                timer.daemon = True
-                timer.start()
+        self._pump(self.proc.stderr.fileno(), self._on_stderr)
+
+    def _on_stderr(self, data: bytes) -> None:
+        if len(self._stderr) < 1 << 20:
+            self._stderr += data
+        if b"KVM internal error" in self._stderr and self._requested is None:
+            text = self._stderr.decode("utf-8", "replace")
+            emulation = "Suberror: 1" in text or "emulation failure" in text
+            reason = ExitReason.EMULATION_FAILURE if emulation else ExitReason.KVM_ERROR
+            first = next(ln for ln in text.splitlines() if "KVM internal error" in ln)
+            rip = re.search(r"\b[RE]IP=([0-9a-f]+)", text)
+            detail = f"QEMU: {first.strip()}" + (f" at RIP {int(rip.group(1), 16):#x}" if rip else "")
+            timer = threading.Timer(INTERNAL_ERROR_GRACE_S, self.request_exit, (reason, detail))
+            timer.daemon = True
+            timer.start()
 
     def _read_trace(self, fd: int) -> None:
         tail = b""
