@@ -88,6 +88,24 @@ _USED_ELEM = struct.Struct("<II")
 _DESC = struct.Struct("<QIHH")
 
 
+
+def write_descriptors(ram: Any, desc_table: int, size: int, plan: ChainPlan) -> None:
+    """Write ``plan``'s descriptors as a driver would: its ring-table entries (those inside a
+    ``size``-entry table at ``desc_table``) and its indirect tables (at most 64 entries each),
+    every field masked to its wire width (virtio 1.2 §2.7.5)."""
+    for i, d in plan.table.items():
+        if 0 <= i < size:
+            ram.write(
+                desc_table + 16 * i,
+                _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+            )
+    for addr, descs in plan.indirect.items():
+        for k, d in enumerate(descs[:64]):
+            ram.write(
+                addr + 16 * k,
+                _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
+            )
+
 class VirtioMachine(FuzzMachine):
     """The transport with one device; subclasses choose the device (default: virtio-rng)."""
 
@@ -477,18 +495,7 @@ class VirtioMachine(FuzzMachine):
         return INDIRECT_BASE + 0x400 * qi + 0x80 * (self.tables % 8)
 
     def write_plan(self, q: QueueModel, plan: ChainPlan) -> None:
-        for i, d in plan.table.items():
-            if 0 <= i < q.size:
-                self.ram.write(
-                    q.desc + 16 * i,
-                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
-                )
-        for addr, descs in plan.indirect.items():
-            for k, d in enumerate(descs[:64]):
-                self.ram.write(
-                    addr + 16 * k,
-                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
-                )
+        write_descriptors(self.ram, q.desc, q.size, plan)
         for addr, blob in plan.data.items():
             if self.ram.contains(addr, len(blob)):
                 self.ram.write(addr, blob)

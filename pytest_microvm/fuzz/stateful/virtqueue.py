@@ -30,9 +30,18 @@ from ..oracles import GUEST_INPUT_ERRORS, check_write_set, covered, violation
 from ..strategies import avail_indices, descriptor_chains, interesting_ints, queue_sizes, ring_layouts
 from ..tracing import READ, TracingGuestMemory
 from .base import FuzzMachine
-from .virtio import BUFFERS, HOLE, INDIRECT_BASE, RAM_END, REGION0, REGION1, RING_AREA, writable_anywhere
+from .virtio import (
+    BUFFERS,
+    HOLE,
+    INDIRECT_BASE,
+    RAM_END,
+    REGION0,
+    REGION1,
+    RING_AREA,
+    writable_anywhere,
+    write_descriptors,
+)
 
-_DESC = struct.Struct("<QIHH")
 MAX_SIZE = 8
 #: Ring features are mostly negotiated: chains that use them are then reachable.
 MOSTLY = st.sampled_from([True, True, True, False])
@@ -157,18 +166,7 @@ class VirtqueueMachine(FuzzMachine):
             ),
             label="chain",
         )
-        for i, d in plan.table.items():
-            if 0 <= i < m.size:
-                self.ram.write(
-                    m.desc + 16 * i,
-                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
-                )
-        for addr, descs in plan.indirect.items():
-            for k, d in enumerate(descs[:64]):
-                self.ram.write(
-                    addr + 16 * k,
-                    _DESC.pack(d.addr & (2**64 - 1), d.length & 0xFFFF_FFFF, d.flags & 0xFFFF, d.next & 0xFFFF),
-                )
+        write_descriptors(self.ram, m.desc, m.size, plan)
         self.ram.write_u16(m.avail + 4 + 2 * (self.avail_idx % m.size), plan.head & 0xFFFF)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
         self.ram.write_u16(m.avail + 2, self.avail_idx)
